@@ -1,0 +1,127 @@
+"""ClipLstmConfig: every hyperparameter of the CLIP-encoder / LSTM-decoder captioner."""
+
+from __future__ import annotations
+
+from transformers import CLIPVisionConfig, PretrainedConfig
+
+IMAGE_FEATURES = ("pooled", "projected")
+
+
+class ClipLstmConfig(PretrainedConfig):
+    r"""
+    Configuration of [`ClipLstmForImageCaptioning`]: a frozen CLIP vision tower whose image
+    feature becomes the first input step of an LSTM caption decoder.
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The CLIP vision tower. Defaults to the shape of `openai/clip-vit-base-patch32`
+            (ViT-B/32: 224 px, 32 px patches, hidden 768, 12 layers, projection 512).
+        image_feature (`str`, *optional*, defaults to `"pooled"`):
+            Which CLIP output feeds the decoder: `"pooled"`, the post-layernorm CLS token
+            (`pooler_output`, `vision_config.hidden_size` wide, as the original project used), or
+            `"projected"`, CLIP's projected image embedding (`vision_config.projection_dim` wide).
+        normalize_image_embeds (`bool`, *optional*, defaults to `True`):
+            L2-normalise the image feature inside the model before projecting it. Cached features
+            are stored raw, so one cache serves both settings.
+        embed_dim (`int`, *optional*, defaults to 512):
+            Width of the token embeddings and of the projected image step.
+        hidden_size (`int`, *optional*, defaults to 512):
+            LSTM hidden size.
+        num_layers (`int`, *optional*, defaults to 1):
+            Number of stacked LSTM layers.
+        dropout (`float`, *optional*, defaults to 0.2):
+            Dropout on the LSTM input, between LSTM layers and before the output head.
+        vocab_size (`int`, *optional*, defaults to 49409):
+            Size of the caption vocabulary; follows the tokenizer (CLIP's BPE plus a pad token
+            is 49,409; a caption tokenizer built from Flickr8k is about 8k).
+        pad_token_id (`int`, *optional*, defaults to 49408):
+            Padding token; never a training target, never generated. Must differ from EOS.
+        bos_token_id (`int`, *optional*, defaults to 49406):
+            Token that starts every caption (the step after the image step).
+        eos_token_id (`int`, *optional*, defaults to 49407):
+            Token that ends every caption; a training target.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser of linear and embedding weights.
+        kwargs:
+            Passed to [`PretrainedConfig`].
+
+    Example:
+        >>> config = ClipLstmConfig(vocab_size=8000, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        >>> config.vision_config.hidden_size
+        768
+    """
+
+    model_type = "clip_lstm"
+    sub_configs = {"vision_config": CLIPVisionConfig}
+
+    def __init__(
+        self,
+        vision_config: dict | CLIPVisionConfig | None = None,
+        image_feature: str = "pooled",
+        normalize_image_embeds: bool = True,
+        embed_dim: int = 512,
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.2,
+        vocab_size: int = 49409,
+        pad_token_id: int = 49408,
+        bos_token_id: int = 49406,
+        eos_token_id: int = 49407,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if vision_config is None:
+            vision_config = CLIPVisionConfig()
+        elif isinstance(vision_config, dict):
+            vision_config = CLIPVisionConfig(**vision_config)
+        elif not isinstance(vision_config, CLIPVisionConfig):
+            raise ValueError(f"vision_config must be a dict or CLIPVisionConfig, got {type(vision_config).__name__}")
+        self.vision_config = vision_config
+        self.image_feature = image_feature
+        self.normalize_image_embeds = normalize_image_embeds
+        self.embed_dim = embed_dim
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dropout = dropout
+        self.vocab_size = vocab_size
+        self.initializer_range = initializer_range
+        super().__init__(
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs
+        )
+        self._validate()
+
+    @property
+    def image_feature_dim(self) -> int:
+        """Width of the CLIP feature the decoder reads: hidden size if pooled, projection if projected."""
+        if self.image_feature == "projected":
+            return self.vision_config.projection_dim
+        return self.vision_config.hidden_size
+
+    def _validate(self) -> None:
+        if self.image_feature not in IMAGE_FEATURES:
+            raise ValueError(f"image_feature must be one of {IMAGE_FEATURES}, got {self.image_feature!r}")
+        for name in ("embed_dim", "hidden_size", "num_layers", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not float(self.initializer_range) > 0.0:
+            raise ValueError(f"initializer_range must be positive, got {self.initializer_range!r}")
+        ids = {"pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        for name, value in ids.items():
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}")
+        if self.pad_token_id == self.eos_token_id:
+            raise ValueError(
+                f"pad_token_id and eos_token_id are both {self.pad_token_id}: padding is ignored by the loss, "
+                "so EOS would never be learned; give the tokenizer a distinct pad token"
+            )
+        if self.bos_token_id in (self.pad_token_id, self.eos_token_id):
+            raise ValueError(f"bos_token_id {self.bos_token_id} must differ from pad_token_id and eos_token_id")
+
+
+__all__ = ["ClipLstmConfig"]
+
+# config.json gets an auto_map, so AutoConfig.from_pretrained(..., trust_remote_code=True) finds this class.
+ClipLstmConfig.register_for_auto_class()
