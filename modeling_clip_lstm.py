@@ -1,0 +1,611 @@
+"""ClipLstmForImageCaptioning: a frozen CLIP vision tower, an LSTM decoder, batched beam search.
+
+Read top to bottom: output dataclasses, the decoder, decoding helpers (log-prob masks,
+sampling warpers, the beam-search steps), the `PreTrainedModel` base, and the captioner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    GenerationConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+try:  # a checkout or an installed package
+    from configuration_clip_lstm import ClipLstmConfig
+except ImportError:  # the Hub's dynamic-module cache copies only same-folder relative imports
+    from .configuration_clip_lstm import ClipLstmConfig
+
+DEFAULT_VISION_MODEL = "openai/clip-vit-base-patch32"
+NEG_INF_SCORE = -1.0e9  # "impossible" beam score; finite so that sums and divisions stay ordered
+
+# What generate() understands, with transformers' defaults for fields a GenerationConfig leaves unset.
+GENERATION_DEFAULTS = {
+    "max_new_tokens": None,
+    "max_length": 20,
+    "min_new_tokens": 0,
+    "num_beams": 1,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "no_repeat_ngram_size": 0,
+    "num_return_sequences": 1,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "suppress_tokens": None,
+    "return_dict_in_generate": False,
+    "output_scores": False,
+}
+
+
+@dataclass
+class ClipLstmOutput(ModelOutput):
+    """Output of [`ClipLstmForImageCaptioning.forward`].
+
+    Args:
+        loss: mean cross-entropy over the caption tokens that are targets (EOS included, padding not).
+        logits: (B, T, V) next-token logits aligned with `input_ids`: `logits[:, t]` predicts `input_ids[:, t + 1]`.
+        image_embeds: (B, D) the raw (unnormalised) CLIP feature the decoder was conditioned on.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class ClipLstmGenerateOutput(ModelOutput):
+    """Output of [`ClipLstmForImageCaptioning.generate`] with `return_dict_in_generate=True`.
+
+    Args:
+        sequences: (B * num_return_sequences, L) `[BOS, w1 .. wn, EOS, PAD ...]`.
+        sequences_scores: (B * num_return_sequences,) sum of token log-probs / length ** length_penalty,
+            length counting generated tokens including EOS; set when `output_scores=True`.
+    """
+
+    sequences: torch.LongTensor | None = None
+    sequences_scores: torch.FloatTensor | None = None
+
+
+class ClipLstmDecoder(nn.Module):
+    """The LSTM caption decoder: image step, then BOS w1 .. wn, one token per step."""
+
+    def __init__(self, config: ClipLstmConfig):
+        super().__init__()
+        self.normalize_image_embeds = config.normalize_image_embeds
+        self.image_projection = nn.Linear(config.image_feature_dim, config.embed_dim)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=config.pad_token_id)
+        self.lstm = nn.LSTM(
+            config.embed_dim,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def image_step(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, D) raw CLIP feature -> (B, 1, E) first LSTM input step."""
+        if self.normalize_image_embeds:
+            image_embeds = F.normalize(image_embeds, dim=-1)
+        return self.image_projection(image_embeds.to(self.image_projection.weight.dtype)).unsqueeze(1)
+
+    def forward(self, image_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: (B, D), (B, T) -> LSTM outputs (B, T, H) at the token steps."""
+        steps = torch.cat([self.image_step(image_embeds), self.embed_tokens(input_ids)], dim=1)  # (B, 1+T, E)
+        hidden, _ = self.lstm(self.dropout(steps))
+        return hidden[:, 1:]  # the image step's own output predicts nothing
+
+    def start(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the image step alone; returns the LSTM state (h, c), each (num_layers, B, H)."""
+        _, state = self.lstm(self.dropout(self.image_step(image_embeds)))
+        return state
+
+    def step(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        """One decoding step: (N,) token ids and state -> (N, V) logits and the new state."""
+        hidden, state = self.lstm(self.dropout(self.embed_tokens(input_ids).unsqueeze(1)), state)
+        return self.lm_head(self.dropout(hidden[:, 0])), state
+
+
+# ----------------------------------------------------------------------------- decoding helpers
+
+
+def _ban_repeated_ngrams(log_probs: torch.Tensor, sequences: torch.Tensor, ngram_size: int) -> None:
+    """Set to -inf every token that would repeat an n-gram of `sequences` (N, L), in place.
+
+    The last n-1 tokens are compared with every earlier window; a match bans the token that
+    followed that window (transformers' `no_repeat_ngram_size`, prompt included).
+    """
+    length = sequences.shape[1]
+    if ngram_size <= 0 or length < ngram_size:  # no complete earlier n-gram yet
+        return
+    if ngram_size == 1:
+        log_probs.scatter_(1, sequences, float("-inf"))
+        return
+    windows = sequences.unfold(1, ngram_size, 1)  # (N, W, n)
+    prefix = sequences[:, length - ngram_size + 1 :]  # (N, n-1)
+    matches = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, W)
+    hits = torch.zeros_like(log_probs).scatter_add_(1, windows[:, :, -1], matches.to(log_probs.dtype))
+    log_probs.masked_fill_(hits > 0, float("-inf"))
+
+
+def _warp_for_sampling(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, top-k and top-p (nucleus) filtering of (N, V) scores, for sampling."""
+    scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth_best = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        # drop a token once the more likely ones already cover top_p (the best token always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return scores
+
+
+def _beam_candidates(totals: torch.Tensor, num_candidates: int, vocab_size: int, do_sample: bool):
+    """Pick the next candidates from (B, K*V) accumulated scores: the best ones, or sampled ones.
+
+    Returns their scores (B, 2K) in descending order, parent beam (B, 2K) and token id (B, 2K).
+    """
+    if do_sample:
+        picked = torch.multinomial(totals.softmax(-1), num_samples=num_candidates)
+        scores, order = totals.gather(1, picked).sort(dim=-1, descending=True)
+        picked = picked.gather(1, order)
+    else:
+        scores, picked = torch.topk(totals, num_candidates, dim=-1)
+    return scores, picked // vocab_size, picked % vocab_size
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather along dim 1 of (B, K, ...) with a (B, J) index -> (B, J, ...)."""
+    index = index.reshape(index.shape + (1,) * (tensor.dim() - index.dim()))
+    return torch.take_along_dim(tensor, index, dim=1)
+
+
+@dataclass
+class _BeamState:
+    """Per-image beam-search bookkeeping, all tensors on the model's device.
+
+    running_*: the K live hypotheses; pool_*: the K best finished ones (sorted, best first);
+    open_: (B, 1) whether a live beam may still beat the pool (transformers' early-stop heuristic).
+    """
+
+    running_sequences: torch.Tensor  # (B, K, L)
+    running_scores: torch.Tensor  # (B, K) summed log-probs
+    pool_sequences: torch.Tensor  # (B, K, L)
+    pool_scores: torch.Tensor  # (B, K) length-penalised
+    pool_filled: torch.Tensor  # (B, K) bool
+    open_: torch.Tensor  # (B, 1) bool
+
+
+def _init_beams(batch_size: int, num_beams: int, max_length: int, bos: int, pad: int, device) -> _BeamState:
+    sequences = torch.full((batch_size, num_beams, max_length), pad, dtype=torch.long, device=device)
+    sequences[:, :, 0] = bos
+    running_scores = torch.zeros(batch_size, num_beams, device=device)
+    running_scores[:, 1:] = NEG_INF_SCORE  # only beam 0 expands at first, so beams start distinct
+    return _BeamState(
+        running_sequences=sequences,
+        running_scores=running_scores,
+        pool_sequences=sequences.clone(),
+        pool_scores=torch.full((batch_size, num_beams), NEG_INF_SCORE, device=device),
+        pool_filled=torch.zeros(batch_size, num_beams, dtype=torch.bool, device=device),
+        open_=torch.ones(batch_size, 1, dtype=torch.bool, device=device),
+    )
+
+
+def _advance_running(beams: _BeamState, scores, sequences, parents, ends, num_beams: int) -> torch.Tensor:
+    """Keep the K best candidates that did not end; returns their parent beam (B, K)."""
+    alive_scores = scores + ends.to(scores.dtype) * NEG_INF_SCORE
+    keep = torch.topk(alive_scores, num_beams, dim=-1).indices
+    beams.running_sequences = _take(sequences, keep)
+    beams.running_scores = _take(alive_scores, keep)
+    return _take(parents, keep)
+
+
+def _update_pool(beams: _BeamState, scores, sequences, ends, num_generated: int, gen) -> None:
+    """Merge the candidates that just ended into the pool of K finished hypotheses.
+
+    Only candidates ranked in the first K of the 2K may finish; none are added once the pool is
+    full with `early_stopping=True`, or once the heuristic says no live beam can improve it.
+    """
+    num_beams = beams.pool_scores.shape[1]
+    in_top_k = torch.arange(scores.shape[1], device=scores.device) < num_beams
+    finishing = ends & in_top_k
+    penalised = scores / (num_generated**gen.length_penalty)
+    pool_full = beams.pool_filled.all(-1, keepdim=True) & (gen.early_stopping is True)
+    # Penalties add up (as in transformers), so scores and their float32 ties match its beam search exactly.
+    penalised = penalised + pool_full.to(penalised.dtype) * NEG_INF_SCORE
+    penalised = penalised + (~beams.open_).to(penalised.dtype) * NEG_INF_SCORE
+    penalised = penalised + (~finishing).to(penalised.dtype) * NEG_INF_SCORE
+    merged_scores = torch.cat([beams.pool_scores, penalised], dim=1)
+    best = torch.topk(merged_scores, num_beams, dim=-1).indices
+    beams.pool_sequences = _take(torch.cat([beams.pool_sequences, sequences], dim=1), best)
+    beams.pool_scores = _take(merged_scores, best)
+    beams.pool_filled = _take(torch.cat([beams.pool_filled, finishing], dim=1), best)
+
+
+def _update_open(beams: _BeamState, length: int, max_length: int, gen) -> None:
+    """transformers' early-stop heuristic: can the best live beam still beat the worst finished one?"""
+    if gen.early_stopping == "never" and gen.length_penalty > 0.0:
+        best_length = max_length - 1  # a positive length penalty favours the longest possible hypothesis
+    else:
+        best_length = length - 1
+    best_running = beams.running_scores[:, :1] / (best_length**gen.length_penalty)
+    worst_pool = beams.pool_scores.min(dim=1, keepdim=True).values
+    worst_pool = torch.where(beams.pool_filled, worst_pool, torch.full_like(worst_pool, NEG_INF_SCORE))
+    beams.open_ = beams.open_ & (best_running > worst_pool).any(-1, keepdim=True)
+
+
+def _beam_search_done(beams: _BeamState, ends: torch.Tensor, gen) -> torch.Tensor:
+    """A 0-d bool tensor: stop when no live beam can improve, every pool is full (early_stopping
+    True) or every candidate ended (maximum length)."""
+    all_full = beams.pool_filled.all() & (gen.early_stopping is True)
+    return ~beams.open_.any() | all_full | ends.all()
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class ClipLstmPreTrainedModel(PreTrainedModel):
+    config_class = ClipLstmConfig
+    base_model_prefix = "clip_lstm"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["ClipLstmDecoder", "CLIPEncoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LSTM):
+            bound = module.hidden_size**-0.5
+            for name, param in module.named_parameters():
+                init.uniform_(param, -bound, bound)
+                if name.startswith("bias_ih"):
+                    # forget-gate bias 1 (gates are ordered i, f, g, o): remember by default early in training
+                    init.constant_(param[module.hidden_size : 2 * module.hidden_size], 1.0)
+
+
+class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
+    """CLIP vision tower (frozen) -> projection -> first LSTM step; LSTM -> caption tokens.
+
+    Example:
+        >>> model = ClipLstmForImageCaptioning.from_pretrained("path/to/model")
+        >>> processor = ClipLstmProcessor.from_pretrained("path/to/model")
+        >>> inputs = processor(images=[load_image("dog.jpg")], return_tensors="pt")
+        >>> processor.batch_decode(model.generate(**inputs, num_beams=5))
+        ['a dog runs across the grass']
+    """
+
+    def __init__(self, config: ClipLstmConfig, vision_tower: nn.Module | None = None):
+        super().__init__(config)
+        if vision_tower is None:
+            tower_class = CLIPVisionModelWithProjection if config.image_feature == "projected" else CLIPVisionModel
+            vision_tower = tower_class(config.vision_config)
+        self.vision_tower = vision_tower
+        self.vision_tower.requires_grad_(False)
+        self.decoder = ClipLstmDecoder(config)
+        self.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            max_new_tokens=30,
+            num_beams=5,
+        )
+        self.post_init()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        # Our own generate(), not GenerationMixin's; this makes save_pretrained write generation_config.json.
+        return True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the saved `generation_config.json` (our generate's defaults)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision", "subfolder") if k in kwargs}
+        with contextlib.suppress(OSError):  # a folder without generation_config.json keeps the model's defaults
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        return model
+
+    @classmethod
+    def from_clip(
+        cls, vision_model_name_or_path: str = DEFAULT_VISION_MODEL, image_feature: str = "pooled", **config_kwargs
+    ) -> ClipLstmForImageCaptioning:
+        """Build a captioner around pretrained CLIP vision weights (Hub id or local folder), loaded once.
+
+        Example:
+            >>> model = ClipLstmForImageCaptioning.from_clip("openai/clip-vit-base-patch32", vocab_size=8000,
+            ...                                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        """
+        tower_class = CLIPVisionModelWithProjection if image_feature == "projected" else CLIPVisionModel
+        tower = load_clip_vision_tower(tower_class, vision_model_name_or_path)
+        config = ClipLstmConfig(vision_config=tower.config.to_dict(), image_feature=image_feature, **config_kwargs)
+        return cls(config, vision_tower=tower)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision_tower.eval()  # frozen: never in training mode
+        return self
+
+    @torch.no_grad()
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, D) raw CLIP feature (pooled CLS or projected), float32.
+
+        Runs in bfloat16 autocast on CUDA (the tower is frozen; its features are only an input).
+        """
+        pixel_values = pixel_values.to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixel_values.is_cuda):
+            outputs = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype))
+        features = outputs.image_embeds if self.config.image_feature == "projected" else outputs.pooler_output
+        return features.float()
+
+    def _image_features(self, pixel_values, image_embeds) -> torch.Tensor:
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("pass exactly one of pixel_values (runs CLIP) or image_embeds (cached CLIP features)")
+        if image_embeds is None:
+            return self.get_image_features(pixel_values)
+        expected = self.config.image_feature_dim
+        if image_embeds.dim() != 2 or image_embeds.shape[1] != expected:
+            raise ValueError(
+                f"image_embeds must be (batch, {expected}) for image_feature={self.config.image_feature!r}, "
+                f"got {tuple(image_embeds.shape)}"
+            )
+        return image_embeds.to(self.device)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        return_logits: bool = True,
+    ) -> ClipLstmOutput:
+        r"""Teacher-forced captioning loss and next-token logits.
+
+        Args:
+            pixel_values: (B, 3, H, W) images; CLIP runs on them. Or give `image_embeds`.
+            image_embeds: (B, D) raw CLIP features as CLIP returns them (e.g. from the embedding cache).
+            input_ids: (B, T) `BOS w1 .. wn EOS PAD ...`, right-padded.
+            attention_mask: (B, T) 1 for tokens, 0 for padding; the batch is cut to its longest caption.
+            labels: (B, T) aligned with `input_ids` (usually a copy with padding set to -100); shifted
+                inside the model, so EOS is a target and padding is not.
+            return_logits: `False` skips the (B, T, V) logits and scores only target positions (training).
+
+        Example:
+            >>> out = model(image_embeds=feats, **processor(text=["a dog"], return_tensors="pt"))
+            >>> out.loss.backward()
+        """
+        if input_ids is None:
+            raise ValueError("forward needs input_ids (BOS w1 .. wn EOS); use generate() to write captions")
+        image_embeds = self._image_features(pixel_values, image_embeds)
+        input_ids, attention_mask, labels = _trim_padding(input_ids, attention_mask, labels)
+        hidden = self.decoder(image_embeds, input_ids.to(self.device))  # (B, T, H)
+        logits = self.decoder.lm_head(self.decoder.dropout(hidden)) if return_logits else None
+        loss = None
+        if labels is not None:
+            loss = self._caption_loss(hidden, logits, labels.to(self.device))
+        return ClipLstmOutput(loss=loss, logits=logits, image_embeds=image_embeds)
+
+    def _caption_loss(self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of position t predicting labels[t + 1], over non-ignored targets."""
+        targets = labels[:, 1:]
+        is_target = targets != -100
+        if logits is None:  # only the positions that have a target go through the (large) output head
+            logits_at_targets = self.decoder.lm_head(self.decoder.dropout(hidden[:, :-1][is_target]))
+        else:
+            logits_at_targets = logits[:, :-1][is_target]
+        return F.cross_entropy(logits_at_targets.float(), targets[is_target])
+
+    # ------------------------------------------------------------------------- generation
+
+    def _generation_settings(self, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+        """Copy of the saved GenerationConfig, updated with call arguments, defaults filled, validated."""
+        unknown = sorted(set(kwargs) - set(GENERATION_DEFAULTS) - {"max_length"})
+        if unknown:
+            raise ValueError(f"generate() does not support {unknown}; supported: {sorted(GENERATION_DEFAULTS)}")
+        gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        gen.update(**kwargs)
+        for name, default in GENERATION_DEFAULTS.items():
+            if getattr(gen, name, None) is None:
+                setattr(gen, name, default)
+        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+            gen.max_new_tokens = None
+        if gen.max_new_tokens is None:
+            gen.max_new_tokens = gen.max_length - 1  # the prompt is BOS alone
+        _validate_generation(gen)
+        return gen
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> torch.LongTensor | ClipLstmGenerateOutput:
+        r"""Write captions for a batch of images, all images and beams at once on the model's device.
+
+        Greedy (`num_beams=1`), beam search (`num_beams>1`, transformers' algorithm), sampling
+        (`do_sample=True`, with `temperature`, `top_k`, `top_p`) or beam sampling. Other arguments:
+        `max_new_tokens`, `min_new_tokens`, `length_penalty`, `early_stopping` (True, False or
+        "never"), `no_repeat_ngram_size`, `num_return_sequences`, `suppress_tokens`,
+        `return_dict_in_generate`, `output_scores`. Defaults come from `self.generation_config`
+        (saved as generation_config.json). PAD and BOS are never generated.
+
+        Returns `sequences` (B * num_return_sequences, L) as `[BOS, w1 .. wn, EOS, PAD ...]`, or a
+        [`ClipLstmGenerateOutput`] with `sequences_scores` (sum of log-probs / length ** length_penalty).
+
+        Example:
+            >>> ids = model.generate(image_embeds=feats, num_beams=5, max_new_tokens=20)
+            >>> processor.batch_decode(ids)
+        """
+        gen = self._generation_settings(generation_config, kwargs)
+        image_embeds = self._image_features(pixel_values, image_embeds)
+        if gen.num_beams > 1:
+            sequences, scores = self._beam_search(image_embeds, gen)
+        else:
+            sequences, scores = self._greedy_or_sample(image_embeds, gen)
+        sequences = _crop_trailing_padding(sequences, self.config.pad_token_id)
+        if gen.return_dict_in_generate:
+            return ClipLstmGenerateOutput(sequences=sequences, sequences_scores=scores if gen.output_scores else None)
+        return sequences
+
+    def _masked_log_probs(self, logits, sequences, num_generated: int, gen) -> torch.Tensor:
+        """log_softmax of (N, V) logits with forbidden tokens set to -inf (not renormalised)."""
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        config = self.config
+        banned = [config.pad_token_id, config.bos_token_id, *(gen.suppress_tokens or [])]
+        log_probs[:, banned] = float("-inf")
+        if num_generated < gen.min_new_tokens:
+            log_probs[:, config.eos_token_id] = float("-inf")
+        _ban_repeated_ngrams(log_probs, sequences, gen.no_repeat_ngram_size)
+        return log_probs
+
+    def _greedy_or_sample(self, image_embeds: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """One hypothesis per (image, return sequence); stops when all have written EOS."""
+        config = self.config
+        image_embeds = image_embeds.repeat_interleave(gen.num_return_sequences, dim=0)
+        batch, device = image_embeds.shape[0], image_embeds.device
+        max_length = gen.max_new_tokens + 1
+        sequences = torch.full((batch, max_length), config.pad_token_id, dtype=torch.long, device=device)
+        sequences[:, 0] = config.bos_token_id
+        total = torch.zeros(batch, device=device)
+        lengths = torch.zeros(batch, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        state = self.decoder.start(image_embeds)
+        for step in range(gen.max_new_tokens):
+            logits, state = self.decoder.step(sequences[:, step], state)
+            log_probs = self._masked_log_probs(logits, sequences[:, : step + 1], step, gen)
+            if gen.do_sample:
+                warped = _warp_for_sampling(log_probs, gen.temperature, gen.top_k, gen.top_p)
+                tokens = torch.multinomial(warped.softmax(-1), 1).squeeze(1)
+            else:
+                tokens = log_probs.argmax(-1)
+            tokens = tokens.masked_fill(finished, config.pad_token_id)
+            total += log_probs.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0)
+            lengths += (~finished).to(lengths.dtype)
+            sequences[:, step + 1] = tokens
+            finished |= tokens == config.eos_token_id
+            if finished.all():  # one host sync per step, none per image or candidate
+                break
+        return sequences, total / lengths**gen.length_penalty
+
+    def _beam_search(self, image_embeds: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' beam search (2K candidates, a pool of K finished), batched over images."""
+        config = self.config
+        batch, num_beams, vocab = image_embeds.shape[0], gen.num_beams, config.vocab_size
+        max_length = gen.max_new_tokens + 1
+        beams = _init_beams(batch, num_beams, max_length, config.bos_token_id, config.pad_token_id, self.device)
+        state = self.decoder.start(image_embeds.repeat_interleave(num_beams, dim=0))
+        batch_offset = torch.arange(batch, device=self.device)[:, None] * num_beams
+        for length in range(1, max_length):  # `length` tokens so far (BOS included)
+            flat_sequences = beams.running_sequences[:, :, :length].reshape(batch * num_beams, length)
+            logits, state = self.decoder.step(flat_sequences[:, -1], state)
+            log_probs = self._masked_log_probs(logits, flat_sequences, length - 1, gen)
+            if gen.do_sample:
+                log_probs = _warp_for_sampling(log_probs, gen.temperature, gen.top_k, gen.top_p)
+            totals = (log_probs.view(batch, num_beams, vocab) + beams.running_scores[:, :, None]).view(batch, -1)
+            scores, parents, tokens = _beam_candidates(totals, 2 * num_beams, vocab, gen.do_sample)
+            candidates = _take(beams.running_sequences, parents)
+            candidates[:, :, length] = tokens
+            ends = (tokens == config.eos_token_id) | (length + 1 >= max_length)
+            kept_parents = _advance_running(beams, scores, candidates, parents, ends, num_beams)
+            _update_pool(beams, scores, candidates, ends, length, gen)
+            state = tuple(s.index_select(1, (kept_parents + batch_offset).view(-1)) for s in state)
+            _update_open(beams, length + 1, max_length, gen)
+            if _beam_search_done(beams, ends, gen):  # one host sync per step
+                break
+        count = gen.num_return_sequences
+        return beams.pool_sequences[:, :count].reshape(batch * count, -1), beams.pool_scores[:, :count].reshape(-1)
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def load_clip_vision_tower(tower_class, name_or_path: str) -> nn.Module:
+    """Load CLIP vision weights, turning the offline failure into one line naming the way out."""
+    try:
+        return tower_class.from_pretrained(name_or_path)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"cannot load CLIP vision weights {name_or_path!r} ({reason}); offline, pass a local folder saved "
+            "with save_pretrained, or build a random tower from a CLIPVisionConfig"
+        ) from None
+
+
+def _trim_padding(input_ids, attention_mask, labels):
+    """Cut a right-padded batch to its longest caption and make padding no target."""
+    if attention_mask is None:
+        return input_ids, attention_mask, labels
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be right-padded (1 ... 1 0 ... 0): the LSTM reads left to right")
+    longest = int(attention_mask.sum(dim=1).max())
+    input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
+    if labels is not None:
+        labels = labels[:, :longest].masked_fill(attention_mask == 0, -100)
+    return input_ids, attention_mask, labels
+
+
+def _crop_trailing_padding(sequences: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Drop the columns after the longest caption (PAD is never generated, so they are all PAD)."""
+    is_token = (sequences != pad_token_id).int()
+    last_token = sequences.shape[1] - 1 - is_token.flip(1).argmax(1)  # (N,) index of each row's last token
+    return sequences[:, : int(last_token.max()) + 1]
+
+
+def _validate_generation(gen: GenerationConfig) -> None:
+    """One-line ValueErrors naming the bad generation argument."""
+    checks = [
+        (isinstance(gen.max_new_tokens, int) and gen.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
+        (isinstance(gen.min_new_tokens, int) and gen.min_new_tokens >= 0, "min_new_tokens", "an integer >= 0"),
+        (isinstance(gen.num_beams, int) and gen.num_beams >= 1, "num_beams", "an integer >= 1"),
+        (gen.early_stopping in (True, False, "never"), "early_stopping", "True, False or 'never'"),
+        (isinstance(gen.no_repeat_ngram_size, int) and gen.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", ">= 0"),
+        (isinstance(gen.num_return_sequences, int) and gen.num_return_sequences >= 1, "num_return_sequences", ">= 1"),
+        (gen.temperature > 0, "temperature", "> 0"),
+        (isinstance(gen.top_k, int) and gen.top_k >= 0, "top_k", "an integer >= 0"),
+        (0 < gen.top_p <= 1, "top_p", "in (0, 1]"),
+    ]
+    for ok, name, rule in checks:
+        if not ok:
+            raise ValueError(f"generate(): {name} must be {rule}, got {getattr(gen, name)!r}")
+    if gen.num_beams > 1 and gen.num_return_sequences > gen.num_beams:
+        raise ValueError(
+            f"generate(): num_return_sequences ({gen.num_return_sequences}) must be <= num_beams ({gen.num_beams})"
+        )
+    if gen.num_beams == 1 and not gen.do_sample and gen.num_return_sequences > 1:
+        raise ValueError("generate(): greedy search returns one sequence; use num_beams or do_sample=True")
+
+
+# save_pretrained copies this file and configuration_clip_lstm.py and writes auto_map entries,
+# so AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True) works without this project.
+ClipLstmForImageCaptioning.register_for_auto_class("AutoModel")
+
+__all__ = ["ClipLstmForImageCaptioning", "ClipLstmPreTrainedModel", "ClipLstmOutput", "ClipLstmGenerateOutput"]
