@@ -1,0 +1,251 @@
+"""Image loading, the caption tokenizer builder and ClipLstmProcessor.
+
+One place for turning user images and captions into model inputs: `load_image` reads any
+PIL mode (and phone photos' EXIF orientation) as RGB, `build_caption_tokenizer` makes the
+default word-level tokenizer from training captions, `load_clip_tokenizer` loads CLIP's BPE
+tokenizer with a pad token distinct from EOS, and `ClipLstmProcessor` bundles a CLIP image
+processor with either tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from tokenizers.trainers import WordLevelTrainer
+from transformers import (
+    AutoTokenizer,
+    BatchFeature,
+    CLIPImageProcessor,
+    CLIPImageProcessorPil,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
+from transformers.utils import is_torchvision_available
+
+# Modes whose alpha channel (or transparency entry) must be composited, not dropped:
+# dropping alpha turns transparent pixels into whatever colour they stored, often black.
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# 16/32-bit integer greyscale (16-bit PNG, TIFF): PIL's convert("RGB") clips instead of scaling.
+_WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+class ImageLoadError(ValueError):
+    """A file or object that cannot be read as an image; the message names it."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB, compositing transparency on white.
+
+    Example:
+        >>> to_rgb(Image.new("LA", (4, 4), (0, 0))).getpixel((0, 0))
+        (255, 255, 255)
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_INT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit data spans 0..65535; scale it to 0..255 rather than clipping at 255.
+        scale = 255.0 / 65535.0 if values.max(initial=0) > 255 or image.mode != "I" else 1.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.max(initial=0) <= 1.0:  # float images are usually 0..1
+            values = values * 255.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """Read a path, PIL image or HxWxC uint8 array as an upright RGB PIL image.
+
+    EXIF orientation is applied (phone photos are stored sideways with a rotation tag).
+    A file that is missing, empty, truncated or not an image raises `ImageLoadError`
+    with a one-line message naming it.
+
+    Example:
+        >>> load_image("Images/dog.jpg").mode
+        'RGB'
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ImageLoadError(f"array image must be uint8 HxW or HxWxC, got {image.dtype} {image.shape}")
+        return to_rgb(Image.fromarray(image))
+    if isinstance(image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(image))
+    path = Path(image)
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now, so a truncated file fails here and not later
+            upright = ImageOps.exif_transpose(opened)
+            return to_rgb(upright).copy()
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: no such image file") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageLoadError(f"{path}: unreadable image ({message})") from None
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+CAPTION_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+CLIP_PAD_TOKEN = "<|pad|>"
+DEFAULT_MAX_CAPTION_LENGTH = 64
+_SPACE_BEFORE_PUNCTUATION = re.compile(r" ([.,!?:;](?:\s|$))")
+
+
+def build_caption_tokenizer(
+    captions: Iterable[str], min_frequency: int = 5, max_length: int = DEFAULT_MAX_CAPTION_LENGTH
+) -> PreTrainedTokenizerFast:
+    """Word-level caption tokenizer trained on `captions` with the `tokenizers` library.
+
+    Lower-cased words with punctuation split off; words seen fewer than `min_frequency` times
+    become `<unk>`. Ids 0-3 are `<pad>`, `<bos>`, `<eos>`, `<unk>`; every encoding is
+    `<bos> words <eos>`.
+
+    Example:
+        >>> tokenizer = build_caption_tokenizer(["A dog runs.", "a dog sits"], min_frequency=1)
+        >>> tokenizer("A dog sits.").input_ids
+        [1, 4, 5, 8, 6, 2]
+    """
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+    specials = list(CAPTION_SPECIAL_TOKENS.values())  # ids 0..3 in this order
+    core = Tokenizer(WordLevel(unk_token=CAPTION_SPECIAL_TOKENS["unk_token"]))
+    core.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()])
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    trainer = WordLevelTrainer(min_frequency=min_frequency, special_tokens=specials, show_progress=False)
+    core.train_from_iterator(captions, trainer=trainer)
+    if core.get_vocab_size() <= len(specials):
+        raise ValueError(f"no word occurs {min_frequency} times in the training captions; lower min_frequency")
+    bos, eos = CAPTION_SPECIAL_TOKENS["bos_token"], CAPTION_SPECIAL_TOKENS["eos_token"]
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, core.token_to_id(bos)), (eos, core.token_to_id(eos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, model_max_length=max_length, clean_up_tokenization_spaces=True, **CAPTION_SPECIAL_TOKENS
+    )
+
+
+def load_clip_tokenizer(name_or_path: str, max_length: int = 77) -> PreTrainedTokenizerBase:
+    """CLIP's BPE tokenizer (Hub id or folder) with a pad token distinct from EOS.
+
+    CLIP pads with `<|endoftext|>`, its EOS; a loss that ignores padding would then never learn
+    to stop. We add `<|pad|>`, so the vocabulary grows by one (49,408 -> 49,409 for OpenAI CLIP).
+
+    Example:
+        >>> len(load_clip_tokenizer("openai/clip-vit-base-patch32"))
+        49409
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"cannot load a CLIP tokenizer from {name_or_path!r} ({reason}); offline, pass a local tokenizer "
+            "folder or use the caption tokenizer (--tokenizer captions)"
+        ) from None
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": CLIP_PAD_TOKEN})
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def image_processor_for(vision_config):
+    """CLIP preprocessing (resize shortest edge, centre crop, CLIP mean/std) at the tower's image size.
+
+    Without torchvision (see DESIGN.md) this is the PIL implementation directly, which saves as
+    the same `CLIPImageProcessor` type and gives the same pixels, without a fallback warning.
+    """
+    size = vision_config.image_size
+    image_processor_class = CLIPImageProcessor if is_torchvision_available() else CLIPImageProcessorPil
+    return image_processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+# ----------------------------------------------------------------------------- processor
+
+
+class ClipLstmProcessor(ProcessorMixin):
+    """A CLIP image processor and a caption tokenizer: images -> `pixel_values`, captions ->
+    `input_ids`, `attention_mask`, `labels`; generated ids -> clean captions.
+
+    Example:
+        >>> processor = ClipLstmProcessor(image_processor_for(config.vision_config), tokenizer)
+        >>> batch = processor(images=["dog.jpg"], text=["A dog runs."], return_tensors="pt")
+        >>> sorted(batch)
+        ['attention_mask', 'input_ids', 'labels', 'pixel_values']
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, max_caption_length: int = DEFAULT_MAX_CAPTION_LENGTH):
+        self.max_caption_length = max_caption_length
+        super().__init__(image_processor, tokenizer)
+
+    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", max_length: int | None = None, **kwargs):
+        """Process `images` (path, PIL image, array or a list of them) and/or `text` (str or list).
+
+        Captions are padded to the longest in the batch (right padding) and truncated to
+        `max_length` (default `max_caption_length`) with EOS kept; `labels` are `input_ids`
+        with padding set to -100.
+        """
+        if images is None and text is None:
+            raise ValueError("ClipLstmProcessor needs images=, text= or both")
+        batch = {}
+        if images is not None:
+            images = images if isinstance(images, (list, tuple)) else [images]
+            pixels = self.image_processor([load_image(image) for image in images], return_tensors=return_tensors, **kwargs)
+            batch["pixel_values"] = pixels["pixel_values"]
+        if text is not None:
+            batch.update(self.encode_captions(text, max_length=max_length, return_tensors=return_tensors))
+        return BatchFeature(batch, tensor_type=return_tensors)
+
+    def encode_captions(self, text, max_length: int | None = None, return_tensors: str | None = "pt") -> BatchFeature:
+        """Tokenise captions into right-padded `input_ids`, `attention_mask` and `labels` (pad -> -100)."""
+        text = [text] if isinstance(text, str) else list(text)
+        encoded = self.tokenizer(
+            text,
+            padding="longest",
+            truncation=True,
+            max_length=max_length or self.max_caption_length,
+            return_token_type_ids=False,
+        )
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        labels = [
+            [token if keep else -100 for token, keep in zip(ids, mask, strict=True)]
+            for ids, mask in zip(input_ids, attention_mask, strict=True)
+        ]
+        columns = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return BatchFeature(columns, tensor_type=return_tensors)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """Generated ids (B, L) -> captions, without BOS/EOS/PAD."""
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        # word-level and BPE decoders leave "dog ." and "shapes :"; captions read "dog." and "shapes:"
+        return [_SPACE_BEFORE_PUNCTUATION.sub(r"\1", " ".join(text.split())) for text in texts]
+
+    def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
+        """One generated id sequence -> one caption."""
+        return self.batch_decode([sequence], skip_special_tokens=skip_special_tokens, **kwargs)[0]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask", "labels"]
+
+
+# processor_config.json gets an auto_map, so AutoProcessor(..., trust_remote_code=True) finds this class.
+ClipLstmProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["ClipLstmProcessor", "build_caption_tokenizer", "load_clip_tokenizer", "load_image", "ImageLoadError"]
