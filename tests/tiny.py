@@ -1,0 +1,108 @@
+"""Tiny, deterministic builders shared by the tests: configs, models, tokenizers, images.
+
+Everything here is offline: random CLIP towers from configs, tokenizers trained on strings
+the tests write, images drawn with PIL.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import CLIPVisionConfig
+
+from configuration_clip_lstm import ClipLstmConfig
+from modeling_clip_lstm import ClipLstmForImageCaptioning
+from processing import ClipLstmProcessor, build_caption_tokenizer, image_processor_for
+
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+)
+PAD, BOS, EOS = 0, 1, 2
+
+TINY_CAPTIONS = [
+    "a red circle on the left",
+    "a big blue square in the middle",
+    "a small green triangle at the top",
+    "two shapes: a red circle and a blue square",
+    "a yellow circle next to a purple triangle",
+    "the blue square is above the red circle",
+]
+
+
+def tiny_config(**overrides) -> ClipLstmConfig:
+    """A ClipLstmConfig with a 32-wide, 2-layer CLIP tower and a 24-wide decoder."""
+    values = dict(
+        vision_config=dict(TINY_VISION),
+        vocab_size=12,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        embed_dim=16,
+        hidden_size=24,
+        num_layers=2,
+        dropout=0.1,
+    )
+    values.update(overrides)
+    return ClipLstmConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> ClipLstmForImageCaptioning:
+    torch.manual_seed(seed)
+    return ClipLstmForImageCaptioning(tiny_config(**overrides)).eval()
+
+
+def peaked_model(seed: int = 0, scale: float = 6.0, eos_bias: float = 2.0, **overrides):
+    """A tiny model whose next-token distributions are peaked and depend on image and prefix
+    (large random decoder weights), with `eos_bias` added to the EOS logit to end beams earlier
+    or later, so that beam search has real decisions to make."""
+    model = tiny_model(seed, **overrides)
+    gen = torch.Generator().manual_seed(seed + 1)
+    decoder = model.decoder
+
+    def fill(param, std):
+        param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+    with torch.no_grad():
+        fill(decoder.embed_tokens.weight, 1.0)
+        fill(decoder.image_projection.weight, 3.0)
+        for param in decoder.lstm.parameters():
+            fill(param, 1.5 / decoder.lstm.hidden_size**0.5)
+        fill(decoder.lm_head.weight, scale / decoder.lm_head.in_features**0.5)
+        fill(decoder.lm_head.bias, 0.5)
+        decoder.lm_head.bias[model.config.eos_token_id] += eos_bias
+    return model
+
+
+def image_embeds(batch: int, dim: int = TINY_VISION["hidden_size"], seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_tokenizer():
+    return build_caption_tokenizer(TINY_CAPTIONS, min_frequency=1)
+
+
+def tiny_processor() -> ClipLstmProcessor:
+    return ClipLstmProcessor(image_processor_for(CLIPVisionConfig(**TINY_VISION)), tiny_tokenizer())
+
+
+def model_for_tokenizer(tokenizer, seed: int = 0, **overrides) -> ClipLstmForImageCaptioning:
+    """A tiny model whose vocabulary and special ids follow `tokenizer`."""
+    ids = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tiny_model(seed, **ids, **overrides)
+
+
+def coloured_image(colour=(200, 30, 30), size=(40, 30)) -> Image.Image:
+    image = Image.new("RGB", size, (240, 240, 240))
+    image.paste(colour, (size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4))
+    return image
