@@ -1,0 +1,538 @@
+"""Tests for data.py: every source, by-image splits, error messages and the shapes set.
+
+All data is generated in tmp_path; nothing needs the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from processing import ImageLoadError
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def write_images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 12), (index * 5 % 256, 100, 200)).save(folder / name, format="JPEG")
+
+
+def captions_for(name: str) -> list[str]:
+    # Commas inside captions are the usual trap: the file is split on the FIRST comma only.
+    return [f"caption {k} of {name}, with a comma" if k == 0 else f"caption {k} of {name}" for k in range(5)]
+
+
+def kaggle_folder(root: Path, num_images: int = 40) -> Path:
+    """A Kaggle-layout folder: Images/ + captions.txt, five rows per image, no split lists."""
+    names = [f"img_{i:03d}.jpg" for i in range(num_images)]
+    write_images(root / "Images", names)
+    lines = ["image,caption"] + [f"{n},{c}" for n in names for c in captions_for(n)]
+    (root / "captions.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def assert_by_image(splits: datasets.DatasetDict) -> None:
+    """Three non-empty splits, our columns, no image in two splits."""
+    assert list(splits) == ["train", "validation", "test"]
+    seen: set[str] = set()
+    for rows in splits.values():
+        assert rows.num_rows > 0
+        assert rows.features == data.CAPTION_FEATURES
+        ids = set(rows["image_id"])
+        assert len(ids) == rows.num_rows and not ids & seen
+        seen |= ids
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------------------
+# Kaggle Flickr8k layout
+# --------------------------------------------------------------------------------------
+
+
+def test_kaggle_folder_is_split_by_image_with_all_captions(tmp_path):
+    splits = data.load_caption_dataset(kaggle_folder(tmp_path))
+    assert_by_image(splits)
+    assert {name: rows.num_rows for name, rows in splits.items()} == {"train": 30, "validation": 5, "test": 5}
+    for rows in splits.values():
+        for row in rows:
+            assert row["captions"] == captions_for(row["image_id"])
+    assert splits["test"][0]["image"].size == (16, 12)
+
+
+def test_quoted_captions_bom_and_crlf(tmp_path):
+    kaggle_folder(tmp_path, num_images=3)
+    rows = [
+        ["image", "caption"],
+        ["img_000.jpg", 'a dog, "Rex", runs'],
+        ["img_001.jpg", "plain caption"],
+        ["img_002.jpg", "two, commas, here"],
+    ]
+    with open(tmp_path / "captions.txt", "w", newline="", encoding="utf-8-sig") as file:
+        csv.writer(file, lineterminator="\r\n").writerows(rows)  # quotes fields with commas or quotes
+    splits = data.load_caption_dataset(tmp_path)
+    captions = {
+        i: c for rows in splits.values() for i, c in zip(rows["image_id"], rows["captions"], strict=True)
+    }
+    assert captions == {
+        "img_000.jpg": ['a dog, "Rex", runs'],
+        "img_001.jpg": ["plain caption"],
+        "img_002.jpg": ["two, commas, here"],
+    }
+
+
+def test_seeded_split_is_deterministic_and_ignores_file_order(tmp_path):
+    first = data.load_caption_dataset(kaggle_folder(tmp_path / "a"), seed=3)
+    reordered = kaggle_folder(tmp_path / "b")
+    lines = (reordered / "captions.txt").read_text().splitlines()
+    (reordered / "captions.txt").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    second = data.load_caption_dataset(reordered, seed=3)
+    other_seed = data.load_caption_dataset(reordered, seed=4)
+    for split in data.SPLITS:
+        assert first[split]["image_id"] == second[split]["image_id"]
+    assert first["test"]["image_id"] != other_seed["test"]["image_id"]
+
+
+@pytest.mark.parametrize("num_images", [3, 4, 5, 9, 17, 8091])
+def test_seeded_split_never_empty(num_images):
+    splits = data.seeded_split([f"{i}.jpg" for i in range(num_images)], seed=0)
+    sizes = [len(splits[s]) for s in data.SPLITS]
+    assert min(sizes) >= 1 and sum(sizes) == num_images
+    assert sizes[1] == sizes[2] == (1000 if num_images >= 8000 else max(1, round(num_images / 8)))
+
+
+def test_fewer_than_three_images_is_an_error(tmp_path):
+    with pytest.raises(data.DatasetFormatError, match="at least 3") as error:
+        data.load_caption_dataset(kaggle_folder(tmp_path, num_images=2))
+    one_line(error)
+
+
+def test_official_split_lists_are_used(tmp_path):
+    root = kaggle_folder(tmp_path, num_images=12)
+    names = [f"img_{i:03d}.jpg" for i in range(12)]
+    lists = {"train": names[:6], "validation": names[6:8], "test": names[8:11]}  # img_011 is in no list
+    for split, file_name in data.FLICKR8K_SPLIT_FILES.items():
+        (root / file_name).write_text("\n".join(lists[split]) + "\n")
+    splits = data.load_caption_dataset(root)
+    assert {split: splits[split]["image_id"] for split in data.SPLITS} == lists
+
+
+def test_image_in_two_lists_is_an_error(tmp_path):
+    root = kaggle_folder(tmp_path, num_images=6)
+    for split, file_name in data.FLICKR8K_SPLIT_FILES.items():
+        (root / file_name).write_text(
+            {
+                "train": "img_000.jpg\nimg_001.jpg\n",
+                "validation": "img_002.jpg\n",
+                "test": "img_003.jpg\nimg_001.jpg\n",
+            }[split]
+        )
+    with pytest.raises(data.DatasetFormatError, match="img_001.jpg is listed in both train and test"):
+        data.load_caption_dataset(root)
+
+
+def test_karpathy_json_is_used_and_restval_goes_to_train(tmp_path):
+    root = kaggle_folder(tmp_path, num_images=6)
+    split_of = ["train", "restval", "val", "test", "train", "test"]
+    images = [{"filename": f"img_{i:03d}.jpg", "split": s, "sentences": []} for i, s in enumerate(split_of)]
+    (root / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    splits = data.load_caption_dataset(root)
+    assert splits["train"]["image_id"] == ["img_000.jpg", "img_001.jpg", "img_004.jpg"]
+    assert splits["validation"]["image_id"] == ["img_002.jpg"]
+    assert splits["test"]["image_id"] == ["img_003.jpg", "img_005.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["image;caption", "img_000.jpg,a dog"], "captions.txt line 1: expected the header 'image,caption'"),
+        (
+            ["image,caption", "img_000.jpg,a dog", "img_001.jpg,a cat", "img_002.jpg a bird"],
+            "captions.txt line 4: no comma",
+        ),
+        (["image,caption", "img_000.jpg,a dog", "img_001.jpg,  "], "captions.txt line 3: empty caption"),
+        (
+            ["image,caption", "img_000.jpg,a dog", "", "missing.jpg,a cat"],
+            "captions.txt line 4: image 'missing.jpg' not found",
+        ),
+    ],
+)
+def test_malformed_captions_rows_name_the_line(tmp_path, lines, expected):
+    root = kaggle_folder(tmp_path, num_images=3)
+    (root / "captions.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DatasetFormatError) as error:
+        data.load_caption_dataset(root)
+    assert expected in one_line(error)
+
+
+# --------------------------------------------------------------------------------------
+# Unreadable images
+# --------------------------------------------------------------------------------------
+
+
+def make_bad_images(images: Path) -> list[Path]:
+    """Turn three of the folder's images into a zero-byte file, a truncated JPEG and a text file."""
+    empty, truncated, text = images / "img_001.jpg", images / "img_004.jpg", images / "img_007.jpg"
+    empty.write_bytes(b"")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    text.write_text("this is not an image\n")
+    return [empty, truncated, text]
+
+
+def test_bad_images_are_skipped_with_a_count(tmp_path, caplog):
+    root = kaggle_folder(tmp_path, num_images=12)
+    bad = make_bad_images(root / "Images")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        splits = data.load_caption_dataset(root, on_bad_image="skip")
+    kept = {i for rows in splits.values() for i in rows["image_id"]}
+    assert kept == {f"img_{i:03d}.jpg" for i in range(12)} - {p.name for p in bad}
+    assert "skipped 3 unreadable images, e.g. " in caplog.text and str(bad[0]) in caplog.text
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["zero-bytes", "truncated-jpeg", "text-file"])
+def test_bad_image_error_names_the_path(tmp_path, which):
+    root = kaggle_folder(tmp_path, num_images=12)
+    bad = make_bad_images(root / "Images")
+    for other in set(range(3)) - {which}:  # leave only the bad file under test
+        write_images(root / "Images", [bad[other].name])
+    with pytest.raises(ImageLoadError) as error:
+        data.load_caption_dataset(root, on_bad_image="error")
+    assert str(bad[which]) in one_line(error) and "--on_bad_image skip" in str(error.value)
+
+
+def test_image_check_accepts_jpeg_with_trailing_bytes_and_png(tmp_path):
+    write_images(tmp_path, ["padded.jpg"])
+    padded = tmp_path / "padded.jpg"
+    padded.write_bytes(padded.read_bytes() + b"camera trailer")  # legal data after the EOI marker
+    Image.new("RGBA", (8, 8)).save(tmp_path / "ok.png")
+    assert data.image_problem(padded) is None
+    assert data.image_problem(tmp_path / "ok.png") is None
+    broken_png = tmp_path / "broken.png"
+    broken_png.write_bytes((tmp_path / "ok.png").read_bytes()[:-20])
+    assert str(broken_png) in data.image_problem(broken_png)
+
+
+def test_on_bad_image_value_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="on_bad_image must be one of"):
+        data.load_caption_dataset(kaggle_folder(tmp_path, num_images=3), on_bad_image="ignore")
+
+
+# --------------------------------------------------------------------------------------
+# imagefolder with metadata.jsonl
+# --------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: list) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_imagefolder_groups_rows_and_accepts_string_and_list_captions(tmp_path):
+    names = [f"photo_{i}.jpg" for i in range(8)]
+    write_images(tmp_path, names)
+    records = [{"file_name": n, "text": f"first {n}"} for n in names]
+    records += [{"file_name": n, "text": [f"second {n}", f"third {n}"]} for n in names[:4]]
+    write_jsonl(tmp_path / "metadata.jsonl", records)
+    splits = data.load_caption_dataset(tmp_path, caption_column="text")
+    assert_by_image(splits)
+    rows = {r["image_id"]: r["captions"] for split in splits.values() for r in split}
+    assert set(rows) == set(names)
+    assert rows["photo_0.jpg"] == ["first photo_0.jpg", "second photo_0.jpg", "third photo_0.jpg"]
+    assert rows["photo_7.jpg"] == ["first photo_7.jpg"]
+
+
+def test_imagefolder_split_folders_are_used(tmp_path):
+    for split in ("train", "val", "test"):
+        write_images(tmp_path / split, [f"{split}_{i}.jpg" for i in range(2)])
+        write_jsonl(
+            tmp_path / split / "metadata.jsonl",
+            [{"file_name": f"{split}_{i}.jpg", "caption": f"a {split} photo"} for i in range(2)],
+        )
+    splits = data.load_caption_dataset(tmp_path)
+    assert splits["validation"]["image_id"] == ["val/val_0.jpg", "val/val_1.jpg"]
+    assert splits["train"]["captions"] == [["a train photo"], ["a train photo"]]
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (
+            {"file_name": "p_1.jpg", "text": "x"},
+            "metadata.jsonl line 2: no 'caption' key (keys: file_name, text)",
+        ),
+        ({"file_name": "gone.jpg", "caption": "x"}, "metadata.jsonl line 2: image 'gone.jpg' not found"),
+        ({"file_name": "p_1.jpg", "caption": [1, 2]}, "metadata.jsonl line 2: 'caption' must be"),
+    ],
+)
+def test_imagefolder_errors_name_the_line(tmp_path, record, expected):
+    write_images(tmp_path, ["p_0.jpg", "p_1.jpg", "p_2.jpg"])
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": "p_0.jpg", "caption": "ok"}, record])
+    with pytest.raises(data.DatasetFormatError) as error:
+        data.load_caption_dataset(tmp_path)
+    assert expected in one_line(error)
+
+
+# --------------------------------------------------------------------------------------
+# Hub ids and Hub-style datasets
+# --------------------------------------------------------------------------------------
+
+
+def assert_fails_fast_naming_alternatives(source: str, **kwargs) -> None:
+    start = time.monotonic()
+    with pytest.raises(data.DatasetUnavailableError) as error:
+        data.load_caption_dataset(source, **kwargs)
+    assert time.monotonic() - start < 10  # datasets alone retries for ~25 s
+    message = one_line(error)
+    assert source in message and "captions.txt" in message and "'shapes'" in message
+
+
+def test_hub_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
+    # A closed local port stands in for "no network", whether or not this machine has one.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert_fails_fast_naming_alternatives(data.DEFAULT_DATASET)
+
+
+def test_hub_id_fails_fast_in_offline_mode(monkeypatch, tmp_path):
+    # datasets and huggingface_hub read HF_HUB_OFFLINE at import; set their copies too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert_fails_fast_naming_alternatives(data.DEFAULT_DATASET, cache_dir=tmp_path)
+
+
+def hub_style_rows(folder: Path, names: list[str]) -> datasets.Dataset:
+    """Rows like jxie/flickr8k: an image column and caption_0..caption_4."""
+    write_images(folder, names)
+    columns = {"image": [str(folder / n) for n in names]}
+    columns.update({f"caption_{k}": [f"caption {k} of {n}" for n in names] for k in range(5)})
+    return datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
+
+
+def test_hub_style_dataset_dict_is_converted(tmp_path):
+    raw = datasets.DatasetDict(
+        {
+            "train": hub_style_rows(tmp_path / "train", ["a.jpg", "b.jpg", "c.jpg"]),
+            "validation": hub_style_rows(tmp_path / "validation", ["d.jpg"]),
+            "test": hub_style_rows(tmp_path / "test", ["e.jpg", "f.jpg"]),
+        }
+    )
+    splits = data.load_caption_dataset(raw)
+    assert_by_image(splits)
+    assert splits["train"]["image_id"] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert splits["test"][1]["captions"] == [f"caption {k} of f.jpg" for k in range(5)]
+    assert splits["validation"][0]["image"].size == (16, 12)
+
+
+def test_hub_style_single_split_gets_seeded_split_and_bad_images_skipped(tmp_path, caplog):
+    rows = hub_style_rows(tmp_path, [f"{i}.jpg" for i in range(10)])
+    (tmp_path / "3.jpg").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        splits = data.load_caption_dataset(rows, on_bad_image="skip")
+    assert_by_image(splits)
+    assert sum(r.num_rows for r in splits.values()) == 9 and "skipped 1 unreadable image" in caplog.text
+
+
+def test_unknown_caption_column_names_the_columns(tmp_path):
+    with pytest.raises(data.DatasetFormatError, match="columns: image, caption_0"):
+        data.load_caption_dataset(
+            hub_style_rows(tmp_path, ["a.jpg", "b.jpg", "c.jpg"]), caption_column="text"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The shapes set
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return data.make_shapes_dataset(tmp_path_factory.mktemp("shapes") / "set", num_images=60, seed=0)
+
+
+def test_shapes_is_byte_identical_for_a_seed(shapes, tmp_path):
+    again = data.make_shapes_dataset(tmp_path / "again", num_images=60, seed=0)
+    other = data.make_shapes_dataset(tmp_path / "other", num_images=60, seed=1)
+    files = sorted(p.relative_to(shapes) for p in shapes.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((shapes / f).read_bytes() == (again / f).read_bytes() for f in files)
+    assert (shapes / "captions.txt").read_text() != (other / "captions.txt").read_text()
+
+
+def test_shapes_loads_through_the_official_lists(shapes):
+    splits = data.load_caption_dataset(shapes)
+    assert_by_image(splits)
+    for split, file_name in data.FLICKR8K_SPLIT_FILES.items():
+        assert splits[split]["image_id"] == (shapes / file_name).read_text().split()
+
+
+def words_of(caption: str, vocabulary) -> list[str]:
+    return [w for w in caption.split() if w in vocabulary]
+
+
+def test_shapes_captions_match_the_scenes(shapes):
+    scenes = data.read_scenes(shapes)
+    splits = data.load_caption_dataset(shapes)
+    rows = {r["image_id"]: r["captions"] for split in splits.values() for r in split}
+    assert set(rows) == set(scenes) and len(rows) == 60
+    counts = {1: set(), 2: set(), 3: set()}
+    for image_id, captions in rows.items():
+        objects = scenes[image_id]["objects"]
+        counts[len(objects)].add(image_id)
+        assert len(captions) == len(set(captions)) == 5
+        assert all(objects[0]["area"] >= 1.6 * o["area"] for o in objects[1:])
+        for caption in captions:
+            # The first colour word is the largest object's colour; every colour and shape word is drawn.
+            assert words_of(caption, data.SHAPES_COLOURS)[0] == objects[0]["colour"], caption
+            assert set(words_of(caption, data.SHAPES_COLOURS)) <= {o["colour"] for o in objects}, caption
+            assert set(words_of(caption, data.SHAPES_KINDS)) <= {o["shape"] for o in objects}, caption
+            # Counts are true: "three shapes" for all objects, "two small shapes" for the others.
+            number = {"one": 1, "two": 2, "three": 3}
+            for count, small in re.findall(r"\b(one|two|three) (small )?shapes?\b", caption):
+                assert number[count] == len(objects) - (1 if small else 0), caption
+            check_sizes_positions_relations(caption, {(o["colour"], o["shape"]): o for o in objects})
+    assert all(counts.values()), "every object count (1, 2, 3) should occur in 60 scenes"
+    big = [o["area"] for s in scenes.values() for o in s["objects"] if o["size"] == "big"]
+    small = [o["area"] for s in scenes.values() for o in s["objects"] if o["size"] == "small"]
+    assert min(big) >= 1.6 * max(small), "'big' and 'small' must mean the same thing in every image"
+
+
+PHRASE = (
+    "("
+    + "|".join(
+        ["in the top left", "at the top", "in the top right", "on the left", "in the middle", "on the right"]
+        + ["in the bottom left", "at the bottom", "in the bottom right"]
+    )
+    + ")"
+)
+
+
+def expected_phrase(obj: dict, image_size: int = 96) -> str:
+    """The position phrase of an object's bbox centre, on a 3x3 grid (worked out independently)."""
+    x0, y0, x1, y1 = obj["bbox"]
+    column = ["left", "", "right"][min(2, int(3 * (x0 + x1) / 2 / image_size))]
+    row = ["top", "", "bottom"][min(2, int(3 * (y0 + y1) / 2 / image_size))]
+    if row and column:
+        return f"in the {row} {column}"
+    return {
+        "top": "at the top",
+        "bottom": "at the bottom",
+        "left": "on the left",
+        "right": "on the right",
+    }.get(row or column, "in the middle")
+
+
+def check_sizes_positions_relations(caption: str, objects: dict) -> None:
+    for size, colour, shape in re.findall(r"\b(big|small)? ?(\w+) (circle|square|triangle|diamond)", caption):
+        obj = objects[(colour, shape)]
+        assert not size or size == obj["size"], caption
+        match = re.search(rf"{colour} {shape} {PHRASE}", caption)
+        assert not match or match.group(1) == expected_phrase(obj), caption
+    relation = re.search(
+        r"(?:big |small )?(\w+) (\w+) (above|below|to the left of|to the right of) an? "
+        r"(?:big |small )?(\w+) (\w+)",
+        caption,
+    )
+    if relation:
+        a, b = objects[relation.group(1, 2)]["bbox"], objects[relation.group(4, 5)]["bbox"]
+        apart = {
+            "above": a[3] < b[1],
+            "below": a[1] > b[3],
+            "to the left of": a[2] < b[0],
+            "to the right of": a[0] > b[2],
+        }
+        assert apart[relation.group(3)], caption
+
+
+def test_shapes_pixels_match_the_scenes(shapes):
+    colours = {name: np.array(rgb) for name, rgb in data.SHAPES_COLOURS.items()}
+    for image_id, scene in list(data.read_scenes(shapes).items())[:20]:
+        pixels = np.asarray(Image.open(shapes / "Images" / image_id), dtype=np.int64)
+        for obj in scene["objects"]:
+            x0, y0, x1, y1 = obj["bbox"]
+            centre = pixels[(y0 + y1) // 2, (x0 + x1) // 2]
+            nearest = min(colours, key=lambda name: np.abs(colours[name] - centre).sum())
+            assert nearest == obj["colour"] and np.abs(colours[nearest] - centre).max() < 40, (image_id, obj)
+        covered = [o["bbox"] for o in scene["objects"]]
+        for x, y in [(0, 0), (95, 0), (0, 95), (95, 95)]:
+            if not any(b[0] - 3 <= x <= b[2] + 3 and b[1] - 3 <= y <= b[3] + 3 for b in covered):
+                assert pixels[y, x].min() >= 190, (image_id, "background must stay light")
+
+
+def test_shapes_generation_is_atomic(tmp_path, monkeypatch):
+    real_write = data._write_shapes
+
+    def interrupted(folder, *args):
+        real_write(folder, *args)
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C just before the rename
+
+    monkeypatch.setattr(data, "_write_shapes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.make_shapes_dataset(tmp_path / "set", num_images=5)
+    assert list(tmp_path.iterdir()) == []  # neither the set nor its temporary folder is left
+    monkeypatch.setattr(data, "_write_shapes", real_write)
+    root = data.make_shapes_dataset(tmp_path / "set", num_images=5)
+    assert len(list((root / "Images").iterdir())) == 5
+    with pytest.raises(ValueError, match="holds a shapes set made with"):
+        data.make_shapes_dataset(root, num_images=6)
+
+
+def test_shapes_source_uses_the_cache_dir(tmp_path):
+    splits = data.load_caption_dataset("shapes", cache_dir=tmp_path)
+    assert {name: rows.num_rows for name, rows in splits.items()} == {
+        "train": 1500,
+        "validation": 250,
+        "test": 250,
+    }
+    assert (data.shapes_root(tmp_path) / "scenes.jsonl").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# Command-line flags
+# --------------------------------------------------------------------------------------
+
+
+def test_data_args_have_help_and_load_the_dataset(tmp_path):
+    parser = data.add_data_args(argparse.ArgumentParser())
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {a.dest for a in flags} == {
+        "dataset",
+        "image_column",
+        "caption_column",
+        "split_seed",
+        "on_bad_image",
+        "data_cache_dir",
+    }
+    assert all(a.help for a in flags)
+    assert parser.parse_args([]).dataset == data.DEFAULT_DATASET
+    args = parser.parse_args(["--dataset", str(kaggle_folder(tmp_path, 9)), "--split_seed", "5"])
+    assert (
+        data.dataset_from_args(args)["test"]["image_id"]
+        == data.load_caption_dataset(tmp_path, seed=5)["test"]["image_id"]
+    )
+
+
+def test_unknown_source_is_a_clear_error():
+    with pytest.raises(data.DatasetFormatError, match="no such folder and not a Hub dataset id") as error:
+        data.load_caption_dataset("./no/such/folder")
+    assert "'shapes'" in one_line(error)
