@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from huggingface_hub import HfApi
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
@@ -1037,3 +1039,212 @@ def dataset_from_args(args: argparse.Namespace) -> datasets.DatasetDict:
         on_bad_image=args.on_bad_image,
         cache_dir=args.data_cache_dir,
     )
+
+
+# --------------------------------------------------------------------------------------
+# The CLIP embedding cache: the frozen tower runs once per image and dataset
+# --------------------------------------------------------------------------------------
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Images of a dataset (paths or bytes, undecoded) -> CLIP pixel tensors, for DataLoader workers.
+
+    A bad image becomes (None, message) so the main process decides: skip or stop.
+    """
+
+    def __init__(self, sources: list[dict], image_processor):
+        self.sources, self.image_processor = sources, image_processor
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int):
+        source = self.sources[index]
+        try:
+            raw = source.get("bytes")
+            image = load_image(Image.open(io.BytesIO(raw)) if raw else source["path"])
+        except (ImageLoadError, OSError, SyntaxError, ValueError) as error:
+            name = source.get("path") or f"image #{index}"
+            return None, str(error) if isinstance(error, ImageLoadError) else f"{name}: unreadable image ({error})"
+        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return pixels, None
+
+
+def _collate_pixels(items):
+    """Stack the readable images; keep the messages of the unreadable ones with their position."""
+    good = [i for i, (pixels, _) in enumerate(items) if pixels is not None]
+    pixels = torch.stack([items[i][0] for i in good]) if good else None
+    return pixels, good, [(i, message) for i, (_, message) in enumerate(items) if message is not None]
+
+
+def _embed_images(sources, model, image_processor, batch_size: int, num_workers: int, on_bad_image: str):
+    """(N, D) float32 CLIP features of `sources`; rows of skipped images are NaN."""
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(sources, image_processor),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_pixels,
+        pin_memory=torch.cuda.is_available(),
+    )
+    features = np.full((len(sources), model.config.image_feature_dim), np.nan, dtype=np.float32)
+    bad, start = [], 0
+    for pixels, good, problems in tqdm(loader, desc="CLIP embeddings", unit="batch"):
+        if problems and on_bad_image == "error":
+            raise ImageLoadError(problems[0][1])
+        bad += [message for _, message in problems]
+        if pixels is not None:
+            rows = [start + i for i in good]
+            features[rows] = model.get_image_features(pixels).cpu().numpy()
+        start += len(good) + len(problems)
+    if bad:
+        logger.warning("skipped %d unreadable images while embedding, e.g. %s", len(bad), bad[0])
+    return features
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    """Identity of a module's weights: a hash of every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _files_digest(dataset: datasets.Dataset) -> str:
+    """Size and modification time of every image file, so an edited image is re-embedded."""
+    digest = hashlib.blake2b(digest_size=16)
+    for source in dataset.cast_column("image", datasets.Image(decode=False))["image"]:
+        path = source.get("path")
+        if path and not source.get("bytes") and os.path.exists(path):
+            stat = os.stat(path)
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def embedding_fingerprint(dataset: datasets.Dataset, model, image_processor, encoder_digest: str | None = None) -> str:
+    """The cache key: the dataset's rows and files, the encoder's weights, the feature choice, preprocessing.
+
+    Example:
+        >>> embedding_fingerprint(splits["test"], model, processor.image_processor)
+        'clip-embeds-3f2a9c...'
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (
+        dataset._fingerprint,
+        _files_digest(dataset),
+        encoder_digest or _weights_digest(model.vision_tower),
+        model.config.image_feature,
+        image_processor.to_json_string(),
+    ):
+        digest.update(str(part).encode())
+    return f"clip-embeds-{digest.hexdigest()}"
+
+
+def cache_image_embeds(
+    dataset: datasets.Dataset,
+    model,
+    image_processor,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    on_bad_image: str = "error",
+) -> datasets.Dataset:
+    """Add an `image_embeds` column: each image's raw (unnormalised) CLIP feature, computed once.
+
+    The frozen tower of `model` (a ClipLstmForImageCaptioning) runs inside one `datasets.map`
+    call, with images decoded in parallel by DataLoader workers (forked `num_proc` workers do
+    not mix with CUDA), in bfloat16 on CUDA. The result is a datasets cache file named by
+    `embedding_fingerprint`: a second run with the same data, encoder, feature and preprocessing
+    reads it back instead of running CLIP; changing any of them computes a new one. Under
+    several processes call it inside `accelerator.main_process_first()` so it runs once.
+    Unreadable images stop with their path (`on_bad_image="error"`) or are dropped ("skip").
+
+    Example:
+        >>> test = cache_image_embeds(splits["test"], model, processor.image_processor)
+        >>> test.with_format("torch")["image_embeds"].shape
+        torch.Size([250, 768])
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+    key = embedding_fingerprint(dataset, model, image_processor)
+    folder = Path(cache_dir or default_cache_dir()) / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    undecoded = dataset.cast_column("image", datasets.Image(decode=False))
+    features = undecoded.features.copy()
+    features["image_embeds"] = datasets.List(datasets.Value("float32"), length=model.config.image_feature_dim)
+    with_embeds = undecoded.map(
+        lambda batch: {
+            "image_embeds": _embed_images(batch["image"], model, image_processor, batch_size, workers, on_bad_image)
+        },
+        batched=True,
+        batch_size=None,  # one call: the DataLoader inside does the batching and the parallel decoding
+        features=features,
+        cache_file_name=str(folder / f"{key}.arrow"),
+        new_fingerprint=key,
+        load_from_cache_file=True,
+        desc="caching CLIP embeddings",
+    )
+    with_embeds = with_embeds.cast_column("image", datasets.Image())
+    finite = torch.isfinite(image_embeds_of(with_embeds)).all(dim=1)
+    return with_embeds if finite.all() else with_embeds.select(torch.nonzero(finite).flatten().tolist())
+
+
+def image_embeds_of(split: datasets.Dataset) -> torch.Tensor:
+    """The `image_embeds` column of a cached split as one (N, D) float32 tensor.
+
+    Example:
+        >>> image_embeds_of(test).shape
+        torch.Size([250, 768])
+    """
+    return split.with_format("torch", columns=["image_embeds"])[:]["image_embeds"].float()
+
+
+# --------------------------------------------------------------------------------------
+# Training pairs: one item per (image, reference caption), padded per batch
+# --------------------------------------------------------------------------------------
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """Every reference caption of every image, as (image_embeds, caption token ids) items.
+
+    Example:
+        >>> pairs = CaptionPairs.from_split(train, processor.tokenizer)
+        >>> len(pairs) == sum(len(c) for c in train["captions"])
+        True
+    """
+
+    def __init__(self, image_embeds: torch.Tensor, image_index: list[int], token_ids: list[list[int]]):
+        self.image_embeds, self.image_index, self.token_ids = image_embeds, image_index, token_ids
+
+    @classmethod
+    def from_split(cls, split: datasets.Dataset, tokenizer, max_length: int = 64) -> CaptionPairs:
+        """Tokenise all captions of a split that has an `image_embeds` column."""
+        embeds = image_embeds_of(split)
+        image_index = [i for i, captions in enumerate(split["captions"]) for _ in captions]
+        captions = [caption for captions in split["captions"] for caption in captions]
+        token_ids = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"] if captions else []
+        return cls(embeds, image_index, token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
+        return self.image_embeds[self.image_index[index]], self.token_ids[index]
+
+
+def collate_captions(items, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest caption: `image_embeds`, `input_ids`, `attention_mask`, `labels` (-100 at padding)."""
+    longest = max(len(ids) for _, ids in items)
+    input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (_, ids) in enumerate(items):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return {
+        "image_embeds": torch.stack([embeds for embeds, _ in items]),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": input_ids.masked_fill(attention_mask == 0, -100),
+    }
