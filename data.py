@@ -920,6 +920,28 @@ def read_scenes(root: str | os.PathLike) -> dict[str, dict]:
     return {scene["image"]: scene for scene in map(json.loads, lines)}
 
 
+def _first_word_of(caption: str, words) -> str | None:
+    return next((word for word in caption.lower().split() if word in words), None)
+
+
+def score_shapes_captions(captions: dict[str, str], scenes: dict[str, dict]) -> dict[str, float]:
+    """How often a caption's first colour word and first shape word name the largest object drawn.
+
+    A model that ignores the image gets about 1 / len(SHAPES_COLOURS) on colour.
+
+    Example:
+        >>> score_shapes_captions({"shapes_00000.jpg": "a big blue square"}, read_scenes(shapes_root()))
+        {'colour_accuracy': 1.0, 'shape_accuracy': 1.0, 'num_images': 1}
+    """
+    colour_hits = shape_hits = 0
+    for image_id, caption in captions.items():
+        largest = max(scenes[image_id]["objects"], key=lambda obj: obj["area"])
+        colour_hits += _first_word_of(caption, SHAPES_COLOURS) == largest["colour"]
+        shape_hits += _first_word_of(caption, SHAPES_KINDS) == largest["shape"]
+    count = max(len(captions), 1)
+    return {"colour_accuracy": colour_hits / count, "shape_accuracy": shape_hits / count, "num_images": len(captions)}
+
+
 # --------------------------------------------------------------------------------------
 # The public loader and its command-line flags
 # --------------------------------------------------------------------------------------

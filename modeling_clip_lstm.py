@@ -85,6 +85,11 @@ class ClipLstmDecoder(nn.Module):
     def __init__(self, config: ClipLstmConfig):
         super().__init__()
         self.normalize_image_embeds = config.normalize_image_embeds
+        # Per-dimension statistics of the (normalised) training features, set by `fit_image_statistics`
+        # and saved with the weights. CLIP features share a large common direction (a random tower's
+        # are ~0.99 cosine-similar); standardising hands the decoder what differs between images.
+        self.register_buffer("image_embeds_mean", torch.zeros(config.image_feature_dim))
+        self.register_buffer("image_embeds_std", torch.ones(config.image_feature_dim))
         self.image_projection = nn.Linear(config.image_feature_dim, config.embed_dim)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=config.pad_token_id)
         self.lstm = nn.LSTM(
@@ -97,11 +102,17 @@ class ClipLstmDecoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
 
-    def image_step(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, D) raw CLIP feature -> (B, 1, E) first LSTM input step."""
+    def prepare_image_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, D) raw CLIP feature -> L2-normalised (if configured), then standardised."""
+        image_embeds = image_embeds.float()
         if self.normalize_image_embeds:
             image_embeds = F.normalize(image_embeds, dim=-1)
-        return self.image_projection(image_embeds.to(self.image_projection.weight.dtype)).unsqueeze(1)
+        return (image_embeds - self.image_embeds_mean) / self.image_embeds_std
+
+    def image_step(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, D) raw CLIP feature -> (B, 1, E) first LSTM input step."""
+        features = self.prepare_image_embeds(image_embeds)
+        return self.image_projection(features.to(self.image_projection.weight.dtype)).unsqueeze(1)
 
     def forward(self, image_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: (B, D), (B, T) -> LSTM outputs (B, T, H) at the token steps."""
@@ -271,7 +282,10 @@ class ClipLstmPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, ClipLstmDecoder):
+            init.zeros_(module.image_embeds_mean)  # identity until fit_image_statistics
+            init.ones_(module.image_embeds_std)
+        elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -344,6 +358,23 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         tower = load_clip_vision_tower(tower_class, vision_model_name_or_path)
         config = ClipLstmConfig(vision_config=tower.config.to_dict(), image_feature=image_feature, **config_kwargs)
         return cls(config, vision_tower=tower)
+
+    @torch.no_grad()
+    def fit_image_statistics(self, image_embeds: torch.Tensor) -> None:
+        """Set the decoder's feature standardisation from (N, D) raw training features.
+
+        Call once before training (train_accelerate.py does); the statistics are buffers saved
+        with the weights, so a checkpoint alone reproduces the model.
+
+        Example:
+            >>> model.fit_image_statistics(image_embeds_of(splits["train"]))
+        """
+        decoder = self.decoder
+        decoder.image_embeds_mean.zero_()
+        decoder.image_embeds_std.fill_(1.0)
+        features = decoder.prepare_image_embeds(image_embeds.to(decoder.image_embeds_mean.device))
+        decoder.image_embeds_mean.copy_(features.mean(dim=0))
+        decoder.image_embeds_std.copy_(features.std(dim=0).clamp_min(1e-6))
 
     def train(self, mode: bool = True):
         super().train(mode)

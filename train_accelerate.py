@@ -1,8 +1,404 @@
-"""Train the captioner with Accelerate: `accelerate launch train_accelerate.py ...` (work in progress)."""
+"""Train the CLIP-LSTM captioner with Accelerate.
+
+    accelerate launch train_accelerate.py --dataset jxie/flickr8k --output_dir outputs/flickr8k
+    python train_accelerate.py --demo        # offline: the built-in shapes set, a few minutes on CPU
+
+Reads top to bottom like the steps of training: arguments, accelerator, data, tokenizer and
+model, cached CLIP embeddings, optimizer and schedule, prepare, resume, the loop (validation
+loss, sample captions, early stopping, the best model saved atomically), and the end
+(evaluation, push to the Hub).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
 from pathlib import Path
 
-# Where the offline demo (`--demo`) writes its model; the Space falls back to it when MODEL_ID is unset.
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import CLIPVisionConfig, get_scheduler
+
+from configuration_clip_lstm import ClipLstmConfig
+from data import (
+    CaptionPairs,
+    DatasetUnavailableError,
+    add_data_args,
+    cache_image_embeds,
+    collate_captions,
+    dataset_from_args,
+    image_embeds_of,
+)
+from modeling_clip_lstm import DEFAULT_VISION_MODEL, ClipLstmForImageCaptioning
+from processing import ClipLstmProcessor, build_caption_tokenizer, image_processor_for, load_clip_tokenizer
+
+# Where the offline demo (`--demo`) writes its run; the trained model is its "model" folder.
 DEMO_OUTPUT_DIR = Path(__file__).resolve().parent / "outputs" / "demo"
+MODEL_FOLDER = "model"  # inside --output_dir: the best model, loadable with from_pretrained
+
+# The demo's random CLIP tower: small patches on the 96 px shapes images; a random tower keeps
+# colour well and shape poorly (see the README for the measured scores).
+DEMO_VISION_CONFIG = dict(
+    image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, projection_dim=128,
+)
+DEMO_DEFAULTS = dict(
+    dataset="shapes", vision_model="random", output_dir=str(DEMO_OUTPUT_DIR), min_word_frequency=1,
+    embed_dim=128, hidden_size=256, batch_size=64, learning_rate=3e-3, num_epochs=12, patience=3,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true",
+                        help="The offline demo: shapes set, a small random CLIP tower, a small decoder, "
+                        f"output in {DEMO_OUTPUT_DIR}; explicit flags still win.")
+    add_data_args(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--vision_model", default=DEFAULT_VISION_MODEL,
+                       help="CLIP checkpoint (Hub id or folder) for the frozen vision tower, or 'random' "
+                       "for a randomly initialised tower shaped by --vision_config.")
+    model.add_argument("--vision_config", default=None,
+                       help="With --vision_model random: a CLIPVisionConfig as JSON text or a config.json "
+                       "path (default: the demo's small tower).")
+    model.add_argument("--image_feature", choices=("pooled", "projected"), default="pooled",
+                       help="CLIP feature fed to the decoder: pooled CLS token or projected embedding.")
+    model.add_argument("--no_normalize_image_embeds", action="store_true",
+                       help="Feed the CLIP feature unnormalised (default: L2-normalised inside the model).")
+    model.add_argument("--tokenizer", default="captions",
+                       help="'captions' builds a word-level tokenizer from the training captions; or a CLIP "
+                       "tokenizer's Hub id or folder (BPE, 49,409 tokens with its pad token).")
+    model.add_argument("--min_word_frequency", type=int, default=5,
+                       help="With --tokenizer captions: words seen fewer times become <unk>.")
+    model.add_argument("--max_caption_length", type=int, default=64, help="Captions are cut to this many tokens.")
+    model.add_argument("--embed_dim", type=int, default=512, help="Token embedding width.")
+    model.add_argument("--hidden_size", type=int, default=512, help="LSTM hidden size.")
+    model.add_argument("--num_layers", type=int, default=1, help="Stacked LSTM layers.")
+    model.add_argument("--dropout", type=float, default=0.2, help="Dropout on LSTM inputs, between layers, before the head.")
+    train = parser.add_argument_group("training")
+    train.add_argument("--batch_size", type=int, default=256, help="Captions per batch and process.")
+    train.add_argument("--learning_rate", type=float, default=1e-3, help="Peak AdamW learning rate.")
+    train.add_argument("--num_epochs", type=int, default=30, help="Maximum number of epochs.")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Stop after this many optimizer steps (overrides --num_epochs; for tests and smoke runs).")
+    train.add_argument("--lr_scheduler", default="cosine",
+                       choices=("linear", "cosine", "constant", "constant_with_warmup"), help="Learning-rate schedule.")
+    train.add_argument("--warmup_ratio", type=float, default=0.03, help="Fraction of steps spent warming up.")
+    train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="Mixed precision (default: what `accelerate launch` says, else no).")
+    train.add_argument("--seed", type=int, default=42, help="Seed for weights, shuffling and dropout.")
+    train.add_argument("--patience", type=int, default=5,
+                       help="Stop after this many epochs without a better validation loss.")
+    train.add_argument("--embed_batch_size", type=int, default=256, help="Images per CLIP batch when caching.")
+    train.add_argument("--num_workers", type=int, default=None, help="Image-decoding workers when caching.")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", default="outputs/run", help="Run folder: model/, checkpoints/, loss curve, logs.")
+    out.add_argument("--checkpointing_steps", default=None,
+                     help="Save the training state every N optimizer steps, or 'epoch'.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep this many newest checkpoints.")
+    out.add_argument("--resume_from_checkpoint", default=None,
+                     help="A checkpoint folder, or 'latest' for the newest in output_dir/checkpoints.")
+    out.add_argument("--report_to", choices=("none", "tensorboard", "trackio", "all"), default="none",
+                     help="Experiment tracker for losses and learning rate.")
+    out.add_argument("--num_sample_images", type=int, default=4,
+                     help="Validation images captioned after each epoch so you can watch the model learn.")
+    out.add_argument("--num_beams", type=int, default=5, help="Beam width of the saved generation config.")
+    out.add_argument("--max_new_tokens", type=int, default=30, help="Caption length limit of the saved generation config.")
+    out.add_argument("--push_to_hub", action="store_true", help="Publish the best model to the Hub at the end.")
+    out.add_argument("--hub_model_id", default=None, help="Hub repo for --push_to_hub (default: the output folder name).")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--demo" in argv:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_tokenizer(args, train_split):
+    if args.tokenizer == "captions":
+        captions = [caption for captions in train_split["captions"] for caption in captions]
+        return build_caption_tokenizer(captions, args.min_word_frequency, args.max_caption_length)
+    return load_clip_tokenizer(args.tokenizer, args.max_caption_length)
+
+
+def build_model(args, tokenizer) -> ClipLstmForImageCaptioning:
+    """The captioner around the chosen CLIP tower, with the decoder sized by the flags."""
+    decoder = dict(
+        image_feature=args.image_feature, normalize_image_embeds=not args.no_normalize_image_embeds,
+        embed_dim=args.embed_dim, hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if args.vision_model != "random":
+        model = ClipLstmForImageCaptioning.from_clip(args.vision_model, **decoder)
+    else:
+        model = ClipLstmForImageCaptioning(ClipLstmConfig(vision_config=random_vision_config(args), **decoder))
+    generation = model.generation_config
+    generation.num_beams, generation.max_new_tokens = args.num_beams, args.max_new_tokens
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        generation.suppress_tokens = [tokenizer.unk_token_id]  # never write "<unk>" into a caption
+    return model
+
+
+def random_vision_config(args) -> CLIPVisionConfig:
+    if args.vision_config is None:
+        return CLIPVisionConfig(**DEMO_VISION_CONFIG)
+    text = Path(args.vision_config).read_text() if Path(args.vision_config).is_file() else args.vision_config
+    try:
+        return CLIPVisionConfig(**json.loads(text))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"--vision_config: not a CLIPVisionConfig JSON object or file ({error})") from None
+
+
+def caption_loader(pairs: CaptionPairs, batch_size: int, pad_token_id: int, shuffle: bool, seed: int = 0):
+    # Its own generator: starting an epoch must not draw from the global RNG that dropout uses,
+    # or a resumed run (which starts its first epoch at a different point) would drift.
+    return torch.utils.data.DataLoader(
+        pairs, batch_size=batch_size, shuffle=shuffle, collate_fn=lambda items: collate_captions(items, pad_token_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+@torch.no_grad()
+def validation_loss(model, loader, accelerator) -> float:
+    """Mean token loss over the whole validation set (every process sees all of it: no sharding skew)."""
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), 0
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss = model(**batch, return_logits=False).loss
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        total += loss.float() * targets
+        count += targets
+    model.train()
+    return float(total) / max(count, 1)
+
+
+@torch.no_grad()
+def sample_captions(model, processor, split, count: int) -> list[dict]:
+    """Caption the first `count` validation images with the model's generation config."""
+    rows = split.select(range(min(count, split.num_rows)))
+    ids = model.generate(image_embeds=image_embeds_of(rows).to(model.device))
+    return [
+        {"image_id": image_id, "caption": caption, "reference": refs[0]}
+        for image_id, caption, refs in zip(rows["image_id"], processor.batch_decode(ids), rows["captions"], strict=True)
+    ]
+
+
+def save_model_atomically(model, processor, folder: Path, run_args: dict) -> None:
+    """Write model, processor, generation config and the run's arguments to a temporary folder,
+    then swap it in with renames: a crash mid-save leaves the previous best model whole."""
+    temporary, previous = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        model.save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+        (temporary / "training_args.json").write_text(json.dumps(run_args, indent=2, default=str))
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(temporary, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_interrupted_save(folder: Path) -> None:
+    """If a run died between the two renames of `save_model_atomically`, put the old model back."""
+    previous = folder.with_name(f".{folder.name}.old")
+    if previous.exists() and not folder.exists():
+        os.replace(previous, folder)
+    shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and validation loss per epoch, rewritten after every epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    axis.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    axis.set(xlabel="epoch", ylabel="cross-entropy per token", title="Caption loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def find_checkpoint(args) -> Path | None:
+    if args.resume_from_checkpoint in (None, ""):
+        return None
+    if args.resume_from_checkpoint != "latest":
+        return Path(args.resume_from_checkpoint)
+    found = sorted((Path(args.output_dir) / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, args, state: dict) -> None:
+    """accelerate's save_state (weights, optimizer, schedule, RNGs) plus our loop counters."""
+    folder = Path(args.output_dir) / "checkpoints" / f"step_{state['step']}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        older = sorted(folder.parent.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        for stale in older[: -args.checkpoints_total_limit]:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    trackers = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        recover_interrupted_save(output_dir / MODEL_FOLDER)
+    accelerator.print(f"processes: {accelerator.num_processes}, device: {accelerator.device}")
+
+    # Data, tokenizer, model; the CLIP embeddings are computed once (main process first, then read from cache).
+    with accelerator.main_process_first():
+        splits = dataset_from_args(args)
+    tokenizer = build_tokenizer(args, splits["train"])
+    model = build_model(args, tokenizer)
+    processor = ClipLstmProcessor(image_processor_for(model.config.vision_config), tokenizer, args.max_caption_length)
+    model.to(accelerator.device)
+    with accelerator.main_process_first():
+        splits = {
+            name: cache_image_embeds(split, model, processor.image_processor, cache_dir=args.data_cache_dir,
+                                     batch_size=args.embed_batch_size, num_workers=args.num_workers,
+                                     on_bad_image=args.on_bad_image)
+            for name, split in splits.items()
+        }
+    model.fit_image_statistics(image_embeds_of(splits["train"]))
+    train_pairs = CaptionPairs.from_split(splits["train"], tokenizer, args.max_caption_length)
+    val_pairs = CaptionPairs.from_split(splits["validation"], tokenizer, args.max_caption_length)
+    train_loader = caption_loader(train_pairs, args.batch_size, tokenizer.pad_token_id, shuffle=True, seed=args.seed)
+    val_loader = caption_loader(val_pairs, args.batch_size, tokenizer.pad_token_id, shuffle=False)
+    accelerator.print(f"{len(train_pairs)} training captions of {splits['train'].num_rows} images, "
+                      f"{len(val_pairs)} validation captions, vocabulary {len(tokenizer)}")
+
+    # Optimizer over the decoder only (the CLIP tower is frozen), warmup then the chosen schedule.
+    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * max_steps),
+                              num_training_steps=max_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    if trackers:
+        accelerator.init_trackers("clip-lstm-captioner", config={k: v for k, v in vars(args).items() if v is not None})
+
+    # Re-seed so that dropout does not depend on whether the embedding cache was hit or computed
+    # (its DataLoader draws from the global RNG): a resumed run then matches an uninterrupted one.
+    set_seed(args.seed)
+    # Resume: weights, optimizer, schedule and RNG states, then skip the batches already seen.
+    state = dict(step=0, epoch=0, batches_done=0, epoch_loss_sum=0.0, history=[], best_val_loss=None, bad_epochs=0)
+    checkpoint = find_checkpoint(args)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']})")
+
+    run_args = {**vars(args), "num_processes": accelerator.num_processes}
+    progress = tqdm(total=max_steps, initial=state["step"], desc="training", disable=not accelerator.is_local_main_process)
+    model.train()
+    while state["step"] < max_steps and state["epoch"] < args.num_epochs:
+        train_loader.set_epoch(state["epoch"])
+        batches = accelerator.skip_first_batches(train_loader, state["batches_done"]) if state["batches_done"] else train_loader
+        running_loss = torch.tensor(state["epoch_loss_sum"], device=accelerator.device)  # resumed mid-epoch: not 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch, return_logits=False).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running_loss += loss.detach().float()
+            state["batches_done"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            progress.update(1)
+            if args.checkpointing_steps not in (None, "epoch") and state["step"] % int(args.checkpointing_steps) == 0:
+                state["epoch_loss_sum"] = float(accelerator.reduce(running_loss, "mean"))
+                save_checkpoint(accelerator, args, state)
+            if state["step"] >= max_steps:
+                break
+        if state["step"] >= max_steps and state["batches_done"] < len(train_loader):
+            break  # stopped mid-epoch by --max_train_steps: an interrupted run, resumable from its checkpoint
+        # End of an epoch: validation loss, sample captions, best model, early stopping.
+        train_loss = float(accelerator.reduce(running_loss, "mean")) / state["batches_done"]
+        val_loss = validation_loss(model, val_loader, accelerator)
+        state["history"].append(dict(epoch=state["epoch"] + 1, step=state["step"], train_loss=train_loss, val_loss=val_loss))
+        accelerator.log({"train_loss": train_loss, "val_loss": val_loss, "lr": scheduler.get_last_lr()[0]}, step=state["step"])
+        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+        state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        state["epoch"] += 1
+        state["batches_done"], state["epoch_loss_sum"] = 0, 0.0
+        if accelerator.is_main_process:
+            samples = sample_captions(unwrapped, processor, splits["validation"], args.num_sample_images)
+            report_epoch(state, samples, output_dir, improved)
+            if improved:
+                save_model_atomically(unwrapped, processor, output_dir / MODEL_FOLDER, run_args)
+        accelerator.wait_for_everyone()
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, args, state)
+        if state["bad_epochs"] >= args.patience:
+            accelerator.print(f"early stopping: no better validation loss for {args.patience} epochs")
+            break
+    progress.close()
+    accelerator.end_training()
+    if accelerator.is_main_process and state["history"]:
+        summary = dict(state, num_processes=accelerator.num_processes, model_dir=str(output_dir / MODEL_FOLDER))
+        (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"model: {output_dir / MODEL_FOLDER}\nloss curve: {output_dir / 'loss_curve.png'}")
+    return state
+
+
+def report_epoch(state: dict, samples: list[dict], output_dir: Path, improved: bool) -> None:
+    """Print the epoch's losses and sample captions; append them to samples.jsonl; redraw the loss curve."""
+    last = state["history"][-1]
+    marker = " (best so far, saved)" if improved else ""
+    tqdm.write(f"epoch {last['epoch']}: train loss {last['train_loss']:.3f}, validation loss {last['val_loss']:.3f}{marker}")
+    for sample in samples:
+        tqdm.write(f"  {sample['image_id']}: {sample['caption']!r}  (reference: {sample['reference']!r})")
+    with open(output_dir / "samples.jsonl", "a") as file:
+        file.write(json.dumps({"epoch": last["epoch"], "samples": samples}) + "\n")
+    plot_losses(state["history"], output_dir / "loss_curve.png")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, DatasetUnavailableError) as error:  # user errors: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
