@@ -31,9 +31,9 @@ from data import (
     DatasetUnavailableError,
     add_data_args,
     cache_image_embeds,
-    collate_captions,
     dataset_from_args,
     image_embeds_of,
+    keep_batch,
 )
 from modeling_clip_lstm import DEFAULT_VISION_MODEL, ClipLstmForImageCaptioning
 from processing import ClipLstmProcessor, build_caption_tokenizer, image_processor_for, load_clip_tokenizer
@@ -160,13 +160,28 @@ def random_vision_config(args) -> CLIPVisionConfig:
         raise ValueError(f"--vision_config: not a CLIPVisionConfig JSON object or file ({error})") from None
 
 
-def caption_loader(pairs: CaptionPairs, batch_size: int, pad_token_id: int, shuffle: bool, seed: int = 0):
+def caption_loader(pairs: CaptionPairs, batch_size: int, shuffle: bool, seed: int = 0):
     # Its own generator: starting an epoch must not draw from the global RNG that dropout uses,
     # or a resumed run (which starts its first epoch at a different point) would drift.
     return torch.utils.data.DataLoader(
-        pairs, batch_size=batch_size, shuffle=shuffle, collate_fn=lambda items: collate_captions(items, pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
+        pairs, batch_size=batch_size, shuffle=shuffle, collate_fn=keep_batch, generator=torch.Generator().manual_seed(seed)
     )
+
+
+def training_step(model, batch, accelerator, optimizer, scheduler, max_grad_norm: float) -> torch.Tensor:
+    """Forward (scoring target positions only), backward, clip, step; returns the loss, detached.
+
+    No host sync here: the loss stays on the device and is summed there until the epoch ends.
+    """
+    with accelerator.accumulate(model):
+        loss = model(**batch, return_logits=False).loss
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return loss.detach().float()
 
 
 @torch.no_grad()
@@ -298,8 +313,8 @@ def main(argv=None) -> dict:
     model.fit_image_statistics(image_embeds_of(splits["train"]))
     train_pairs = CaptionPairs.from_split(splits["train"], tokenizer, args.max_caption_length)
     val_pairs = CaptionPairs.from_split(splits["validation"], tokenizer, args.max_caption_length)
-    train_loader = caption_loader(train_pairs, args.batch_size, tokenizer.pad_token_id, shuffle=True, seed=args.seed)
-    val_loader = caption_loader(val_pairs, args.batch_size, tokenizer.pad_token_id, shuffle=False)
+    train_loader = caption_loader(train_pairs, args.batch_size, shuffle=True, seed=args.seed)
+    val_loader = caption_loader(val_pairs, args.batch_size, shuffle=False)
     accelerator.print(f"{len(train_pairs)} training captions of {splits['train'].num_rows} images, "
                       f"{len(val_pairs)} validation captions, vocabulary {len(tokenizer)}")
 
@@ -333,15 +348,7 @@ def main(argv=None) -> dict:
         batches = accelerator.skip_first_batches(train_loader, state["batches_done"]) if state["batches_done"] else train_loader
         running_loss = torch.tensor(state["epoch_loss_sum"], device=accelerator.device)  # resumed mid-epoch: not 0
         for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch, return_logits=False).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            running_loss += loss.detach().float()
+            running_loss += training_step(model, batch, accelerator, optimizer, scheduler, args.max_grad_norm)
             state["batches_done"] += 1
             if not accelerator.sync_gradients:
                 continue

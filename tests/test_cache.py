@@ -11,7 +11,6 @@ from tiny import tiny_model, tiny_processor
 from data import (
     CaptionPairs,
     cache_image_embeds,
-    collate_captions,
     image_embeds_of,
     load_caption_dataset,
     make_shapes_dataset,
@@ -130,9 +129,12 @@ def test_caption_pairs_use_every_reference_and_pad_per_batch(tmp_path, shapes_fo
     tokenizer = tiny_processor().tokenizer
     pairs = CaptionPairs.from_split(split, tokenizer)
     assert len(pairs) == sum(len(captions) for captions in split["captions"]) == 5 * split.num_rows
-    batch = collate_captions([pairs[0], pairs[7]], tokenizer.pad_token_id)
-    lengths = [len(pairs[0][1]), len(pairs[7][1])]
+    batch = pairs.__getitems__([0, 7])
+    expected = [tokenizer(split["captions"][0][0]).input_ids, tokenizer(split["captions"][1][2]).input_ids]
+    lengths = [len(ids) for ids in expected]
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     torch.testing.assert_close(batch["image_embeds"][1], image_embeds_of(split)[1])  # caption 7 is image 1's
+    assert [batch["input_ids"][row, : lengths[row]].tolist() for row in range(2)] == expected
+    assert pairs[7]["input_ids"].tolist() == expected[1]  # a single item is trimmed to its own length
