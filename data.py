@@ -1068,10 +1068,14 @@ def dataset_from_args(args: argparse.Namespace) -> datasets.DatasetDict:
 # --------------------------------------------------------------------------------------
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Images of a dataset (paths or bytes, undecoded) -> CLIP pixel tensors, for DataLoader workers.
+class ImageFiles(torch.utils.data.Dataset):
+    """Images (dicts with "path" and/or "bytes", undecoded) -> CLIP pixel tensors, in DataLoader workers.
 
-    A bad image becomes (None, message) so the main process decides: skip or stop.
+    A bad image becomes (None, message) so the main process decides: skip or stop. Batch with
+    `collate_fn=collate_pixels`. Used by the embedding cache and by caption_images.py.
+
+    Example:
+        >>> loader = DataLoader(ImageFiles([{"path": "a.jpg"}], image_processor), collate_fn=collate_pixels)
     """
 
     def __init__(self, sources: list[dict], image_processor):
@@ -1092,7 +1096,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         return pixels, None
 
 
-def _collate_pixels(items):
+def collate_pixels(items):
     """Stack the readable images; keep the messages of the unreadable ones with their position."""
     good = [i for i, (pixels, _) in enumerate(items) if pixels is not None]
     pixels = torch.stack([items[i][0] for i in good]) if good else None
@@ -1102,10 +1106,10 @@ def _collate_pixels(items):
 def _embed_images(sources, model, image_processor, batch_size: int, num_workers: int, on_bad_image: str):
     """(N, D) float32 CLIP features of `sources`; rows of skipped images are NaN."""
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(sources, image_processor),
+        ImageFiles(sources, image_processor),
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=_collate_pixels,
+        collate_fn=collate_pixels,
         pin_memory=torch.cuda.is_available(),
     )
     features = np.full((len(sources), model.config.image_feature_dim), np.nan, dtype=np.float32)

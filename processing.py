@@ -95,6 +95,8 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
         raise ImageLoadError(f"{path}: no such image file") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not an image file PIL can read") from None
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(f"{path}: too large to decode ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageLoadError(f"{path}: unreadable image ({message})") from None
@@ -239,6 +241,13 @@ class ClipLstmProcessor(ProcessorMixin):
     def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
         """One generated id sequence -> one caption."""
         return self.batch_decode([sequence], skip_special_tokens=skip_special_tokens, **kwargs)[0]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained` without the custom-code prompt: our tokenizer is a plain
+        fast tokenizer, but AutoTokenizer would otherwise follow config.json's auto_map and ask."""
+        kwargs.setdefault("trust_remote_code", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:

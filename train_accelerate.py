@@ -41,6 +41,7 @@ from processing import ClipLstmProcessor, build_caption_tokenizer, image_process
 # Where the offline demo (`--demo`) writes its run; the trained model is its "model" folder.
 DEMO_OUTPUT_DIR = Path(__file__).resolve().parent / "outputs" / "demo"
 MODEL_FOLDER = "model"  # inside --output_dir: the best model, loadable with from_pretrained
+DEMO_MODEL_DIR = DEMO_OUTPUT_DIR / MODEL_FOLDER
 
 # The demo's random CLIP tower: small patches on the 96 px shapes images; a random tower keeps
 # colour well and shape poorly (see the README for the measured scores).

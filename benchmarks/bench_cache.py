@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configuration_clip_lstm import ClipLstmConfig  # noqa: E402
-from data import _ImageFiles, cache_image_embeds, load_caption_dataset  # noqa: E402
+from data import ImageFiles, cache_image_embeds, load_caption_dataset  # noqa: E402
 from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
 from processing import image_processor_for  # noqa: E402
 
@@ -103,7 +103,7 @@ def time_decoding(split, image_processor, args) -> float:
     import datasets
 
     sources = split.cast_column("image", datasets.Image(decode=False))["image"]
-    loader = torch.utils.data.DataLoader(_ImageFiles(sources, image_processor), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(ImageFiles(sources, image_processor), batch_size=args.batch_size,
                                          num_workers=args.num_workers, collate_fn=lambda items: len(items))
     start = time.perf_counter()
     count = sum(loader)

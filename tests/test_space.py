@@ -1,0 +1,332 @@
+"""The Gradio Space, launched on 127.0.0.1 with tiny models the tests build, driven by gradio_client
+and by a real headless Chromium.
+
+The app module reads MODEL_ID / BLIP_MODEL_ID at import, so the fixture sets them and (re)imports it.
+Random BLIP ignores the image: its captions are only checked to be there, never compared per image.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tiny import coloured_image, peaked_model, tiny_processor
+
+pytest.importorskip("gradio", reason="gradio is not installed (pip install '.[space]')")
+from gradio_client import Client, handle_file  # noqa: E402
+from transformers import (  # noqa: E402
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessorPil,
+    BlipProcessor,
+)
+
+from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
+from processing import ClipLstmProcessor  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO_ROOT / "test-artifacts" / "space-screenshot.png"
+BEAMS, MAX_NEW_TOKENS = 3, 8
+TINY_BLOCK = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+BLIP_BOS, BLIP_EOS = 30, 2
+
+
+def tiny_blip_folder(folder: Path) -> Path:
+    """A random 2-layer BLIP with a 100-word WordPiece tokenizer, saved to `folder`.
+
+    The EOS logit is pushed down so that captions are never empty (a random model may stop at once).
+    """
+    vocab = ["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]"] + ["a", "dog", "cat", "runs", "on", "the", "grass"]
+    vocab += [f"word{i}" for i in range(BLIP_BOS - len(vocab))] + ["[DEC]"]
+    vocab += [f"more{i}" for i in range(100 - len(vocab))]
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, bos_token="[DEC]")
+    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer)
+    text = dict(
+        TINY_BLOCK, vocab_size=100, bos_token_id=BLIP_BOS, eos_token_id=BLIP_EOS, sep_token_id=BLIP_EOS
+    )
+    config = BlipConfig(
+        text_config=dict(text, pad_token_id=0, max_position_embeddings=64),
+        vision_config=dict(TINY_BLOCK, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[BLIP_EOS] = -100.0
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_ours_folder(folder: Path) -> Path:
+    """Our tiny captioner with peaked (image-dependent) predictions, saved with its processor."""
+    processor = tiny_processor()
+    tokenizer = processor.tokenizer
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = peaked_model(0, eos_bias=-1.0, vocab_size=len(tokenizer), **ids)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("space")
+    images = root / "images"
+    images.mkdir()
+    paths = {"ours": tiny_ours_folder(root / "ours"), "blip": tiny_blip_folder(root / "blip")}
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 40, 210))):
+        paths[name] = images / f"{name}.png"
+        coloured_image(colour, size=(64, 48)).save(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def app(folders):
+    """space_app imported with MODEL_ID / BLIP_MODEL_ID pointing at the tiny models, launched."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MODEL_ID", str(folders["ours"]))
+        env.setenv("BLIP_MODEL_ID", str(folders["blip"]))
+        module = (
+            importlib.reload(sys.modules["space_app"])
+            if "space_app" in sys.modules
+            else importlib.import_module("space_app")
+        )
+    port = free_port()
+    module.demo.queue(max_size=module.QUEUE_SIZE).launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+    )
+    try:
+        yield module, f"http://127.0.0.1:{port}"
+    finally:
+        module.demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app) -> Client:
+    return Client(app[1], verbose=False)
+
+
+def expected_caption(folder: Path, image_path: Path, num_beams=BEAMS, max_new_tokens=MAX_NEW_TOKENS) -> str:
+    """Our caption computed directly with the project's classes, for comparison with the app."""
+    model = ClipLstmForImageCaptioning.from_pretrained(folder).eval()
+    processor = ClipLstmProcessor.from_pretrained(folder, trust_remote_code=False)  # our classes, no prompt
+    ids = model.generate(**processor(images=[image_path]), num_beams=num_beams, max_new_tokens=max_new_tokens)
+    return processor.batch_decode(ids)[0]
+
+
+def ask(client: Client, image, num_beams=BEAMS, show_beams=False) -> dict:
+    notice, ours, ours_status, beams, blip, blip_status = client.predict(
+        image, num_beams, MAX_NEW_TOKENS, show_beams, api_name="/caption"
+    )
+    return dict(
+        notice=notice, ours=ours, ours_status=ours_status, beams=beams, blip=blip, blip_status=blip_status
+    )
+
+
+def test_import_builds_the_demo_and_loads_both_models_once(app):
+    module, _ = app
+    assert module.OURS.model is not None and module.BLIP.model is not None, (
+        module.OURS.error,
+        module.BLIP.error,
+    )
+    assert {"caption"} <= {fn.api_name for fn in module.demo.fns.values()}
+    missing = module.load_ours(None)
+    assert missing.model is None and "python train_accelerate.py --demo" in missing.error
+
+
+def test_caption_matches_the_model_and_shows_beams_and_latency(client, folders):
+    answer = ask(client, handle_file(folders["red"]), show_beams=True)
+    assert answer["notice"] == ""
+    assert answer["ours"] == expected_caption(folders["ours"], folders["red"]) and answer["ours"]
+    assert answer["blip"] and " ms " in answer["blip_status"] and " ms " in answer["ours_status"]
+    rows = answer["beams"]["value"]["data"]
+    assert len(rows) == BEAMS and rows[0][1] == answer["ours"]
+    scores = [row[2] for row in rows]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_twenty_concurrent_requests_are_all_answered_correctly(client, folders):
+    expected = {name: expected_caption(folders["ours"], folders[name]) for name in ("red", "blue")}
+    names = ["red", "blue"] * 10
+    jobs = [
+        client.submit(handle_file(folders[name]), BEAMS, MAX_NEW_TOKENS, False, api_name="/caption")
+        for name in names
+    ]
+    answers = [job.result(timeout=120) for job in jobs]
+    assert [answer[1] for answer in answers] == [expected[name] for name in names]
+    assert all(answer[4] for answer in answers)  # BLIP answered each one too
+
+
+def test_bad_uploads_and_settings_get_one_line_messages(client, folders, tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a picture")
+    answer = ask(client, handle_file(text_file))
+    assert answer["notice"].startswith("⚠️ notes.txt:") and "not an image" in answer["notice"]
+    assert answer["ours"] == "" and answer["blip"] == ""
+    assert "Upload an image" in ask(client, None)["notice"]
+    assert "beam width must be 1 to 8" in ask(client, handle_file(folders["red"]), num_beams=99)["notice"]
+
+
+def test_huge_images_are_downscaled_and_bombs_refused(client, tmp_path):
+    wide = tmp_path / "wide.png"
+    coloured_image((30, 150, 45), size=(5000, 1000)).save(wide)
+    answer = ask(client, handle_file(wide))
+    assert answer["notice"] == "Downscaled from 5000×1000 to 4096×819 before captioning."
+    assert answer["ours"] and answer["blip"]
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb)  # 200 MP of zeros: a few kB on disk
+    answer = ask(client, handle_file(bomb))
+    assert answer["notice"].startswith("⚠️ bomb.png: too large to decode") and answer["ours"] == ""
+
+
+def test_an_unavailable_model_leaves_the_other_captioning(app, client, folders, tmp_path, monkeypatch):
+    module, _ = app
+    monkeypatch.setattr(module, "BLIP", module.load_blip(str(tmp_path / "no-blip-here")))
+    answer = ask(client, handle_file(folders["red"]))
+    assert answer["ours"] == expected_caption(folders["ours"], folders["red"])
+    assert answer["blip"] == "" and answer["blip_status"].startswith("BLIP unavailable")
+    assert "\n" not in answer["blip_status"]
+    monkeypatch.setattr(module, "OURS", module.load_ours(str(tmp_path / "no-model-here")))
+    answer = ask(client, handle_file(folders["red"]))
+    assert answer["ours"] == "" and answer["ours_status"].startswith("Could not load our model")
+
+
+# ----------------------------------------------------------------------------- the deployed shape
+
+# What space/README.md tells users to upload: Space file name -> file in this repo.
+SPACE_FILES = {
+    "README.md": "space/README.md",
+    "requirements.txt": "space/requirements.txt",
+    "space_app.py": "space_app.py",
+    "processing.py": "processing.py",
+}
+# Run in the Space folder, where the rest of the project (training script, model code) is blocked.
+SPACE_IMPORT = r"""
+import importlib.abc, json, sys
+BLOCKED = {"configuration_clip_lstm", "modeling_clip_lstm", "data", "train_accelerate"}
+
+class BlockProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in BLOCKED:
+            raise ImportError(f"{name} is not part of the Space")
+
+sys.meta_path.insert(0, BlockProject())
+import space_app
+answer = space_app.caption({"path": sys.argv[1], "orig_name": "red.png"}, 3, 8, False)
+print("RESULT " + json.dumps([space_app.OURS.error, space_app.BLIP.error, answer[1], answer[4]]))
+"""
+
+
+def test_space_metadata_and_the_uploaded_files_alone_run_the_app(folders, tmp_path):
+    metadata = yaml.safe_load((REPO_ROOT / "space" / "README.md").read_text().split("---\n")[1])
+    assert metadata["sdk"] == "gradio" and metadata["app_file"] == "space_app.py"
+    assert int(metadata["sdk_version"].split(".")[0]) >= 5 and len(metadata["short_description"]) <= 60
+    space = tmp_path / "space-repo"
+    space.mkdir()
+    for name, source in SPACE_FILES.items():
+        shutil.copy(REPO_ROOT / source, space / name)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(
+        MODEL_ID=str(folders["ours"]),
+        BLIP_MODEL_ID=str(folders["blip"]),
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", SPACE_IMPORT, str(folders["red"])],
+        cwd=space,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    ours_error, blip_error, ours, blip = json.loads(result[len("RESULT ") :])
+    assert ours_error == "" and blip_error == "" and blip
+    assert ours == expected_caption(folders["ours"], folders["red"])
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,900",
+]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "Debian chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        )
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    # An explicit driver path keeps Selenium Manager from trying to download one.
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_browser_uploads_an_image_and_reads_both_captions(app, browser, folders):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(app[1])
+    upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#input-image input[type=file]")))
+    upload.send_keys(str(folders["blue"]))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#input-image img")))  # uploaded and shown
+    browser.find_element(By.CSS_SELECTOR, "#caption-button").click()
+
+    def caption_of(elem_id: str) -> str:
+        return browser.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea").get_attribute("value")
+
+    wait.until(lambda _: caption_of("ours-caption") and caption_of("blip-caption"))
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
+    module = app[0]  # the page starts with the sliders at their defaults
+    expected = expected_caption(
+        folders["ours"], folders["blue"], module.DEFAULT_BEAMS, module.DEFAULT_MAX_NEW_TOKENS
+    )
+    assert caption_of("ours-caption") == expected
+    assert caption_of("blip-caption")
+    assert " ms " in browser.find_element(By.CSS_SELECTOR, "#ours-status").text
