@@ -21,11 +21,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import evaluate_model
 from data import ImageFiles, collate_pixels
 from modeling_clip_lstm import ClipLstmForImageCaptioning
 from processing import ClipLstmProcessor
@@ -74,34 +73,17 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[str]]:
 # ----------------------------------------------------------------------------- model and output
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def load_captioner(name: str, device: torch.device) -> tuple[ClipLstmForImageCaptioning, ClipLstmProcessor]:
-    """Model and processor from a folder or Hub id, with one-line errors (`UsageError`).
+    """Model and processor from a folder or Hub id (evaluate_model's loader), errors as `UsageError`.
 
     Example:
-        >>> model, processor = load_captioner("outputs/demo", torch.device("cpu"))
+        >>> model, processor = load_captioner("outputs/demo/model", torch.device("cpu"))
     """
-    if not Path(name).exists() and not _looks_like_hub_id(name):
-        raise UsageError(f"--model {name}: no such folder (and not a Hub id like user/model)")
     try:
-        model = ClipLstmForImageCaptioning.from_pretrained(name)
-        # trust_remote_code=False: this project's classes are right here; no "run custom code?" prompt.
-        processor = ClipLstmProcessor.from_pretrained(name, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if not Path(name).exists():
-            raise UsageError(
-                f"--model {name}: no such folder, and loading it as a Hub id failed ({reason})"
-            ) from None
-        raise UsageError(f"--model {name}: cannot load a captioner ({reason})") from None
-    return model.to(device).eval(), processor
+        model, processor = evaluate_model.load_captioner(name)
+    except evaluate_model.EvaluationError as error:
+        raise UsageError(str(error)) from None
+    return model.to(device), processor
 
 
 class AtomicRows:

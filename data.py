@@ -38,7 +38,7 @@ from huggingface_hub import HfApi
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from processing import ImageLoadError, load_image
+from processing import ImageLoadError, first_line, is_hub_id, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -496,11 +496,6 @@ def _load_local_folder(
 # --------------------------------------------------------------------------------------
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
-
-
 def _unavailable(source: str, reason: str) -> DatasetUnavailableError:
     cache_hint = (
         "offline mode found no copy in your Hugging Face cache"
@@ -521,11 +516,11 @@ def _download_hub_dataset(source: str, cache_dir: str | None) -> datasets.Datase
         try:
             HfApi().dataset_info(source, timeout=5)
         except Exception as error:  # network, HTTP and not-found errors all end here
-            raise _unavailable(source, _first_line(error)) from None
+            raise _unavailable(source, first_line(error)) from None
     try:
         return datasets.load_dataset(source, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise _unavailable(source, _first_line(error)) from None
+        raise _unavailable(source, first_line(error)) from None
 
 
 def _caption_columns(columns: list[str], caption_column: str) -> list[str]:
@@ -947,10 +942,6 @@ def score_shapes_captions(captions: dict[str, str], scenes: dict[str, dict]) -> 
 # --------------------------------------------------------------------------------------
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", source) is not None
-
-
 def load_caption_dataset(
     source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict = DEFAULT_DATASET,
     *,
@@ -987,7 +978,7 @@ def load_caption_dataset(
     folder = Path(source).expanduser()
     if folder.is_dir():
         return _load_local_folder(folder, image_column, caption_column, seed, on_bad_image)
-    if _looks_like_hub_id(str(source)):
+    if is_hub_id(str(source)):
         raw = _download_hub_dataset(str(source), str(cache_dir) if cache_dir else None)
         return _from_rows(raw, image_column, caption_column, seed, on_bad_image)
     raise DatasetFormatError(

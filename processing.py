@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
@@ -39,6 +41,33 @@ _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 class ImageLoadError(ValueError):
     """A file or object that cannot be read as an image; the message names it."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line for a user-facing message: its type and the first line of its text.
+
+    Example:
+        >>> first_line(OSError("no route to host\nretrying..."))
+        'OSError: no route to host'
+    """
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` could be a Hub repo id ('name' or 'owner/name') and is not a local path.
+
+    Example:
+        >>> is_hub_id("openai/clip-vit-base-patch32"), is_hub_id("outputs/demo/model/extra")
+        (True, False)
+    """
+    if Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -156,9 +185,8 @@ def load_clip_tokenizer(name_or_path: str, max_length: int = 77) -> PreTrainedTo
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(
-            f"cannot load a CLIP tokenizer from {name_or_path!r} ({reason}); offline, pass a local tokenizer "
+            f"cannot load a CLIP tokenizer from {name_or_path!r} ({first_line(error)}); offline, pass a local tokenizer "
             "folder or use the caption tokenizer (--tokenizer captions)"
         ) from None
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

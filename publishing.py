@@ -20,12 +20,10 @@ from typing import Any
 
 import yaml
 from huggingface_hub import CommitInfo, HfApi, constants
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 
 from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor
+from processing import ClipLstmProcessor, is_hub_id
 
 CODE_FILES = ("configuration_clip_lstm.py", "modeling_clip_lstm.py", "processing.py")
 # Without any of these, AutoModel / AutoProcessor.from_pretrained(repo, trust_remote_code=True) fails.
@@ -99,15 +97,6 @@ def _model_and_processor(source) -> tuple[ClipLstmForImageCaptioning, ClipLstmPr
     return model, processor, folder
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    """'owner/name' that the Hub accepts and that is not a local path (local data has no Hub id)."""
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return "/" in name and not Path(name).exists()
-
-
 def describe_dataset(dataset: str | None) -> dict[str, str | None]:
     """Display name, Hub id (None for local data) and licence terms of the training / evaluation data.
 
@@ -116,7 +105,7 @@ def describe_dataset(dataset: str | None) -> dict[str, str | None]:
         'Flickr8k'
     """
     text = str(dataset or "")
-    hub_id = text if _looks_like_hub_id(text) else None
+    hub_id = text if "/" in text and is_hub_id(text) else None  # local data has no Hub id
     if "shapes" in text.lower():
         return {"name": "shapes (synthetic)", "id": hub_id, "slug": "shapes", "terms": SHAPES_TERMS}
     if "flickr" in text.lower():
@@ -288,7 +277,7 @@ def _metadata(report: dict | None, training_args: dict | None, dataset: dict, re
         ),
         None,
     )
-    if base and _looks_like_hub_id(base):
+    if base and "/" in base and is_hub_id(base):
         metadata["base_model"] = base
     if dataset["id"]:
         metadata["datasets"] = [dataset["id"]]

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor, BlipForConditionalGeneration, BlipProcessor
 
-from processing import ImageLoadError, load_image
+from processing import ImageLoadError, first_line, load_image
 
 try:  # in a checkout, the offline demo's trained model; a Space carries no training script
     from train_accelerate import DEMO_MODEL_DIR
@@ -71,11 +71,6 @@ class Captioner:
     error: str = ""
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def load_ours(model_id: str | None) -> Captioner:
     """Load our captioner from a Hub id or folder; a failure becomes the panel's message.
 
@@ -94,7 +89,7 @@ def load_ours(model_id: str | None) -> Captioner:
         model = AutoModel.from_pretrained(model_id, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
     except Exception as error:  # any failure (missing, offline, bad files) is shown, not raised
-        return Captioner(error=f"Could not load our model {model_id!r}: {_first_line(error)}")
+        return Captioner(error=f"Could not load our model {model_id!r}: {first_line(error)}")
     return Captioner(model.to(DEVICE).eval(), processor)
 
 
@@ -109,7 +104,7 @@ def load_blip(model_id: str) -> Captioner:
         model = BlipForConditionalGeneration.from_pretrained(model_id)
         processor = BlipProcessor.from_pretrained(model_id)
     except Exception as error:  # the Space still serves our model without the baseline
-        reason = _first_line(error).rstrip(".")
+        reason = first_line(error).rstrip(".")
         return Captioner(
             error=f"BLIP unavailable ({model_id!r}): {reason}. Offline, set BLIP_MODEL_ID to a local folder."
         )
@@ -263,7 +258,7 @@ def _guarded(run, *args) -> tuple:
         return run(*args)
     except Exception as error:
         logger.exception("captioning failed")
-        failed = ("", f"Captioning failed: {_first_line(error)}")
+        failed = ("", f"Captioning failed: {first_line(error)}")
         return failed + ([],) if run is caption_ours else failed
 
 

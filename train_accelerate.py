@@ -34,9 +34,13 @@ from data import (
     dataset_from_args,
     image_embeds_of,
     keep_batch,
+    read_scenes,
+    shapes_root,
 )
+from evaluate_model import evaluate_captioner
 from modeling_clip_lstm import DEFAULT_VISION_MODEL, ClipLstmForImageCaptioning
 from processing import ClipLstmProcessor, build_caption_tokenizer, image_processor_for, load_clip_tokenizer
+from publishing import publish
 
 # Where the offline demo (`--demo`) writes its run; the trained model is its "model" folder.
 DEMO_OUTPUT_DIR = Path(__file__).resolve().parent / "outputs" / "demo"
@@ -114,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="Validation images captioned after each epoch so you can watch the model learn.")
     out.add_argument("--num_beams", type=int, default=5, help="Beam width of the saved generation config.")
     out.add_argument("--max_new_tokens", type=int, default=30, help="Caption length limit of the saved generation config.")
+    out.add_argument("--no_eval", action="store_true",
+                     help="Skip the final test-split evaluation (metrics, report, gallery) of the best model.")
+    out.add_argument("--no_meteor", action="store_true", help="Leave METEOR (a Java process) out of the final evaluation.")
     out.add_argument("--push_to_hub", action="store_true", help="Publish the best model to the Hub at the end.")
     out.add_argument("--hub_model_id", default=None, help="Hub repo for --push_to_hub (default: the output folder name).")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -388,8 +395,34 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process and state["history"]:
         summary = dict(state, num_processes=accelerator.num_processes, model_dir=str(output_dir / MODEL_FOLDER))
         (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
-        accelerator.print(f"model: {output_dir / MODEL_FOLDER}\nloss curve: {output_dir / 'loss_curve.png'}")
+        finish(args, splits, accelerator.device)
     return state
+
+
+def finish(args, splits: dict, device) -> None:
+    """Evaluate the best model on the test split, say where everything is, publish if asked."""
+    output_dir = Path(args.output_dir)
+    model_dir = output_dir / MODEL_FOLDER
+    report = None
+    if not args.no_eval:
+        model = ClipLstmForImageCaptioning.from_pretrained(model_dir).to(device).eval()
+        processor = ClipLstmProcessor.from_pretrained(model_dir)
+        scenes = read_scenes(shapes_root(args.data_cache_dir)) if args.dataset == "shapes" else None
+        report = evaluate_captioner(
+            model, processor, splits["test"], output_dir=output_dir / "eval", dataset_name=args.dataset,
+            model_name=str(model_dir), train_captions=splits["train"]["captions"], meteor=not args.no_meteor,
+            shapes_scenes=scenes,
+        )
+        # next to the weights, so the model card (publishing.py) shows the results
+        (model_dir / "report.json").write_text(json.dumps(report, indent=2))
+        print((output_dir / "eval" / "report.md").read_text())
+    print(f"model: {model_dir}\nloss curve: {output_dir / 'loss_curve.png'}\n"
+          f"sample captions per epoch: {output_dir / 'samples.jsonl'}")
+    if report is not None:
+        print(f"test-split report and gallery: {output_dir / 'eval'} (report.md, captions.jsonl, gallery.html)")
+    if args.push_to_hub:
+        commit = publish(model_dir, args.hub_model_id or output_dir.name)  # reads report.json, training_args.json
+        print(f"published: {commit}")
 
 
 def report_epoch(state: dict, samples: list[dict], output_dir: Path, improved: bool) -> None:

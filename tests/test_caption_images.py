@@ -98,9 +98,9 @@ def test_csv_from_globs_with_workers(model_dir, images, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--model", "no/such/folder/here"], "--model no/such/folder/here: no such folder"),
+        (["--model", "no/such/folder/here"], "--model 'no/such/folder/here': no such folder"),
         (["--model", "./missing-model"], "no such folder"),
-        (["--model", "outputs/not-trained-yet"], "no such folder, and loading it as a Hub id failed"),
+        (["--model", "outputs/not-trained-yet"], "cannot load --model 'outputs/not-trained-yet' from the Hugging Face Hub"),
         (["--output", "{tmp}/captions.txt"], "use a .jsonl or .csv name"),
         (["{tmp}/nothing-here"], "no image files found"),
         (["--device", "toaster"], "--device toaster: not a torch device"),

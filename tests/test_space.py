@@ -17,20 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
-from tiny import coloured_image, peaked_model, tiny_processor
+from tiny import coloured_image, peaked_model, save_tiny_blip, tiny_processor
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install '.[space]')")
 from gradio_client import Client, handle_file  # noqa: E402
-from transformers import (  # noqa: E402
-    BertTokenizer,
-    BlipConfig,
-    BlipForConditionalGeneration,
-    BlipImageProcessorPil,
-    BlipProcessor,
-)
 
 from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
 from processing import ClipLstmProcessor  # noqa: E402
@@ -38,35 +30,6 @@ from processing import ClipLstmProcessor  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "space-screenshot.png"
 BEAMS, MAX_NEW_TOKENS = 3, 8
-TINY_BLOCK = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-BLIP_BOS, BLIP_EOS = 30, 2
-
-
-def tiny_blip_folder(folder: Path) -> Path:
-    """A random 2-layer BLIP with a 100-word WordPiece tokenizer, saved to `folder`.
-
-    The EOS logit is pushed down so that captions are never empty (a random model may stop at once).
-    """
-    vocab = ["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]"] + ["a", "dog", "cat", "runs", "on", "the", "grass"]
-    vocab += [f"word{i}" for i in range(BLIP_BOS - len(vocab))] + ["[DEC]"]
-    vocab += [f"more{i}" for i in range(100 - len(vocab))]
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, bos_token="[DEC]")
-    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer)
-    text = dict(
-        TINY_BLOCK, vocab_size=100, bos_token_id=BLIP_BOS, eos_token_id=BLIP_EOS, sep_token_id=BLIP_EOS
-    )
-    config = BlipConfig(
-        text_config=dict(text, pad_token_id=0, max_position_embeddings=64),
-        vision_config=dict(TINY_BLOCK, image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[BLIP_EOS] = -100.0
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def tiny_ours_folder(folder: Path) -> Path:
@@ -95,7 +58,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("space")
     images = root / "images"
     images.mkdir()
-    paths = {"ours": tiny_ours_folder(root / "ours"), "blip": tiny_blip_folder(root / "blip")}
+    paths = {"ours": tiny_ours_folder(root / "ours"), "blip": save_tiny_blip(root / "blip")}
     for name, colour in (("red", (200, 30, 30)), ("blue", (30, 40, 210))):
         paths[name] = images / f"{name}.png"
         coloured_image(colour, size=(64, 48)).save(paths[name])

@@ -38,7 +38,7 @@ def tiny_run_args(dataset: Path, output_dir: Path, *extra: str) -> list[str]:
         "--vision_model", "random", "--vision_config", json.dumps(TINY_VISION),
         "--min_word_frequency", "1", "--embed_dim", "16", "--hidden_size", "24", "--dropout", "0.3",
         "--batch_size", "16", "--num_epochs", "2", "--learning_rate", "0.01", "--num_sample_images", "2",
-        "--num_workers", "0", "--output_dir", str(output_dir), *extra,
+        "--num_workers", "0", "--no_eval", "--output_dir", str(output_dir), *extra,
     ]
 
 
@@ -133,6 +133,8 @@ def test_two_processes_on_cpu_train_together_and_only_the_main_one_writes(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
+    # CLIP ran once per split (the main process first; the other one read the cache): one finished bar each
+    assert result.stderr.count("caching CLIP embeddings: 100%") == 3, result.stderr[-3000:]
     # one line per epoch in the samples log and one best model: a second writer would have doubled them
     lines = (output_dir / "samples.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
@@ -141,15 +143,19 @@ def test_two_processes_on_cpu_train_together_and_only_the_main_one_writes(tmp_pa
     assert json.loads((output_dir / "model" / "training_args.json").read_text())["num_processes"] == 2
 
 
-def test_plain_python_run_with_tensorboard(tmp_path, small_shapes):
+def test_plain_python_run_with_tensorboard_and_final_evaluation(tmp_path, small_shapes):
     pytest.importorskip("tensorboard", reason="the tensorboard tracker needs the tensorboard package (dev extra)")
     output_dir = tmp_path / "plain"
-    result = run_script([sys.executable, "train_accelerate.py",
-                         *tiny_run_args(small_shapes, output_dir, "--num_epochs", "1", "--report_to", "tensorboard")])
+    args = [a for a in tiny_run_args(small_shapes, output_dir) if a != "--no_eval"]
+    result = run_script([sys.executable, "train_accelerate.py", *args, "--num_epochs", "1", "--report_to",
+                         "tensorboard", "--no_meteor"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "model: " in result.stdout and "loss curve: " in result.stdout
+    assert "model: " in result.stdout and "loss curve: " in result.stdout and "BLEU-4" in result.stdout
     assert list(output_dir.rglob("events.out.tfevents.*"))
     assert ClipLstmForImageCaptioning.from_pretrained(output_dir / "model").config.hidden_size == 24
+    report = json.loads((output_dir / "eval" / "report.json").read_text())
+    assert report["num_images"] == 6 and report["split"] == "test" and "most_frequent_caption" in report["models"]
+    assert json.loads((output_dir / "model" / "report.json").read_text()) == report  # the model card reads it
 
 
 @pytest.mark.parametrize(
@@ -203,3 +209,12 @@ def test_a_crash_between_the_renames_is_recovered(tmp_path):
     os.replace(folder, tmp_path / ".model.old")  # as if the process died right after the first rename
     train_accelerate.recover_interrupted_save(folder)
     assert ClipLstmForImageCaptioning.from_pretrained(folder).config.vocab_size == 12
+
+
+def test_push_to_hub_publishes_the_best_model_folder(tmp_path, small_shapes, monkeypatch):
+    published = []
+    monkeypatch.setattr(train_accelerate, "publish", lambda folder, repo_id: published.append((folder, repo_id)) or "url")
+    output_dir = tmp_path / "pushed"
+    train_accelerate.main(tiny_run_args(small_shapes, output_dir, "--num_epochs", "1", "--push_to_hub",
+                                        "--hub_model_id", "someone/tiny-captioner"))
+    assert published == [(output_dir / "model", "someone/tiny-captioner")]

@@ -6,9 +6,18 @@ the tests write, images drawn with PIL.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessorPil,
+    BlipProcessor,
+    CLIPVisionConfig,
+)
 
 from configuration_clip_lstm import ClipLstmConfig
 from modeling_clip_lstm import ClipLstmForImageCaptioning
@@ -24,6 +33,9 @@ TINY_VISION = dict(
     projection_dim=16,
 )
 PAD, BOS, EOS = 0, 1, 2
+TINY_BLOCK = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+# Tiny BLIP: its default token ids index outside a tiny vocabulary, so they are set explicitly.
+BLIP_BOS, BLIP_EOS = 30, 2
 
 TINY_CAPTIONS = [
     "a red circle on the left",
@@ -106,3 +118,30 @@ def coloured_image(colour=(200, 30, 30), size=(40, 30)) -> Image.Image:
     image = Image.new("RGB", size, (240, 240, 240))
     image.paste(colour, (size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4))
     return image
+
+
+def save_tiny_blip(folder: Path) -> Path:
+    """A random 2-layer BLIP with a 100-word WordPiece tokenizer, saved to `folder`.
+
+    The EOS logit is pushed down so that captions are never empty (a random model may stop at once).
+    """
+    vocab = ["[PAD]", "[UNK]", "[SEP]", "[CLS]", "[MASK]"] + ["a", "dog", "cat", "runs", "on", "the", "grass"]
+    vocab += [f"word{i}" for i in range(BLIP_BOS - len(vocab))] + ["[DEC]"]
+    vocab += [f"more{i}" for i in range(100 - len(vocab))]
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, bos_token="[DEC]")
+    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer)
+    text = dict(
+        TINY_BLOCK, vocab_size=100, bos_token_id=BLIP_BOS, eos_token_id=BLIP_EOS, sep_token_id=BLIP_EOS
+    )
+    config = BlipConfig(
+        text_config=dict(text, pad_token_id=0, max_position_embeddings=64),
+        vision_config=dict(TINY_BLOCK, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[BLIP_EOS] = -100.0
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
