@@ -168,17 +168,29 @@ def _warp_for_sampling(scores: torch.Tensor, temperature: float, top_k: int, top
     return scores
 
 
-def _beam_candidates(totals: torch.Tensor, num_candidates: int, vocab_size: int, do_sample: bool):
-    """Pick the next candidates from (B, K*V) accumulated scores: the best ones, or sampled ones.
+def _best_candidates(logits, normaliser, running_scores, num_candidates: int):
+    """The best `num_candidates` continuations of each image over all its beams.
 
-    Returns their scores (B, 2K) in descending order, parent beam (B, 2K) and token id (B, 2K).
+    `logits` (B*K, V) are masked logits and `normaliser` (B*K, 1) their log-sum-exp, so a token's
+    accumulated score is logit - normaliser + running score. That offset is the same for every
+    token of a beam, so an image's best candidates are among the best `num_candidates` of each of
+    its beams: no (B, K*V) score tensor is ever written (1 GB for 1,000 images, beam 5, CLIP's vocabulary).
+
+    Returns scores (B, 2K) in descending order, parent beam (B, 2K) and token id (B, 2K).
     """
-    if do_sample:
-        picked = torch.multinomial(totals.softmax(-1), num_samples=num_candidates)
-        scores, order = totals.gather(1, picked).sort(dim=-1, descending=True)
-        picked = picked.gather(1, order)
-    else:
-        scores, picked = torch.topk(totals, num_candidates, dim=-1)
+    batch, num_beams = running_scores.shape
+    row_best, row_tokens = torch.topk(logits, min(num_candidates, logits.shape[1]), dim=-1)  # (B*K, C)
+    row_best = row_best - normaliser + running_scores.reshape(-1, 1)
+    per_row = row_best.shape[1]
+    scores, picked = torch.topk(row_best.view(batch, num_beams * per_row), num_candidates, dim=-1)
+    return scores, picked // per_row, row_tokens.view(batch, -1).gather(1, picked)
+
+
+def _sampled_candidates(totals: torch.Tensor, num_candidates: int, vocab_size: int):
+    """Beam sampling: draw candidates from (B, K*V) accumulated scores; same returns as `_best_candidates`."""
+    picked = torch.multinomial(totals.softmax(-1), num_samples=num_candidates)
+    scores, order = totals.gather(1, picked).sort(dim=-1, descending=True)
+    picked = picked.gather(1, order)
     return scores, picked // vocab_size, picked % vocab_size
 
 
@@ -505,16 +517,22 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             return ClipLstmGenerateOutput(sequences=sequences, sequences_scores=scores if gen.output_scores else None)
         return sequences
 
-    def _masked_log_probs(self, logits, sequences, num_generated: int, gen) -> torch.Tensor:
-        """log_softmax of (N, V) logits with forbidden tokens set to -inf (not renormalised)."""
-        log_probs = F.log_softmax(logits.float(), dim=-1)
+    def _next_token_scores(self, logits, sequences, num_generated: int, gen):
+        """(N, V) logits -> (masked logits, (N, 1) normaliser); log-probs are `masked - normaliser`.
+
+        The normaliser (log-sum-exp) covers every token, and forbidden tokens are set to -inf
+        afterwards, so log-probs are not renormalised: transformers' processors likewise act after
+        the log-softmax. Keeping the two apart saves writing another (N, V) tensor per step.
+        """
+        logits = logits.float()
+        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
         config = self.config
         banned = [config.pad_token_id, config.bos_token_id, *(gen.suppress_tokens or [])]
-        log_probs[:, banned] = float("-inf")
+        logits[:, banned] = float("-inf")
         if num_generated < gen.min_new_tokens:
-            log_probs[:, config.eos_token_id] = float("-inf")
-        _ban_repeated_ngrams(log_probs, sequences, gen.no_repeat_ngram_size)
-        return log_probs
+            logits[:, config.eos_token_id] = float("-inf")
+        _ban_repeated_ngrams(logits, sequences, gen.no_repeat_ngram_size)
+        return logits, normaliser
 
     def _greedy_or_sample(self, image_embeds: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """One hypothesis per (image, return sequence); stops when all have written EOS."""
@@ -530,14 +548,15 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         state = self.decoder.start(image_embeds)
         for step in range(gen.max_new_tokens):
             logits, state = self.decoder.step(sequences[:, step], state)
-            log_probs = self._masked_log_probs(logits, sequences[:, : step + 1], step, gen)
+            masked, normaliser = self._next_token_scores(logits, sequences[:, : step + 1], step, gen)
             if gen.do_sample:
-                warped = _warp_for_sampling(log_probs, gen.temperature, gen.top_k, gen.top_p)
+                warped = _warp_for_sampling(masked - normaliser, gen.temperature, gen.top_k, gen.top_p)
                 tokens = torch.multinomial(warped.softmax(-1), 1).squeeze(1)
             else:
-                tokens = log_probs.argmax(-1)
+                tokens = masked.argmax(-1)
             tokens = tokens.masked_fill(finished, config.pad_token_id)
-            total += log_probs.gather(1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0)
+            chosen = masked.gather(1, tokens[:, None]) - normaliser  # the token's log-prob
+            total += chosen.squeeze(1).masked_fill(finished, 0.0)
             lengths += (~finished).to(lengths.dtype)
             sequences[:, step + 1] = tokens
             finished |= tokens == config.eos_token_id
@@ -556,11 +575,13 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         for length in range(1, max_length):  # `length` tokens so far (BOS included)
             flat_sequences = beams.running_sequences[:, :, :length].reshape(batch * num_beams, length)
             logits, state = self.decoder.step(flat_sequences[:, -1], state)
-            log_probs = self._masked_log_probs(logits, flat_sequences, length - 1, gen)
+            masked, normaliser = self._next_token_scores(logits, flat_sequences, length - 1, gen)
             if gen.do_sample:
-                log_probs = _warp_for_sampling(log_probs, gen.temperature, gen.top_k, gen.top_p)
-            totals = (log_probs.view(batch, num_beams, vocab) + beams.running_scores[:, :, None]).view(batch, -1)
-            scores, parents, tokens = _beam_candidates(totals, 2 * num_beams, vocab, gen.do_sample)
+                log_probs = _warp_for_sampling(masked - normaliser, gen.temperature, gen.top_k, gen.top_p)
+                totals = (log_probs.view(batch, num_beams, vocab) + beams.running_scores[:, :, None]).view(batch, -1)
+                scores, parents, tokens = _sampled_candidates(totals, 2 * num_beams, vocab)
+            else:
+                scores, parents, tokens = _best_candidates(masked, normaliser, beams.running_scores, 2 * num_beams)
             candidates = _take(beams.running_sequences, parents)
             candidates[:, :, length] = tokens
             ends = (tokens == config.eos_token_id) | (length + 1 >= max_length)
