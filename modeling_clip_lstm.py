@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -194,6 +195,21 @@ def _sampled_candidates(totals: torch.Tensor, num_candidates: int, vocab_size: i
     return scores, picked // vocab_size, picked % vocab_size
 
 
+def _log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) -> (N, 1) log-sum-exp. On CPU torch.logsumexp writes a fresh (N, V) temporary (1 GB
+    for 5,000 beams over CLIP's vocabulary, with a page fault per 4 kB); here the exponentials are
+    summed chunk by chunk, each chunk small enough to be reused from the heap."""
+    peak = logits.amax(dim=-1, keepdim=True)
+    if logits.is_cuda:
+        return peak + (logits - peak).exp().sum(dim=-1, keepdim=True).log()
+    rows_per_chunk = max(1, (4 << 20) // logits.shape[1])  # ~16 MB of float32 per chunk
+    sums = torch.cat([
+        (chunk - chunk_peak).exp_().sum(dim=-1, keepdim=True)
+        for chunk, chunk_peak in zip(logits.split(rows_per_chunk), peak.split(rows_per_chunk), strict=True)
+    ])
+    return peak + sums.log()
+
+
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather along dim 1 of (B, K, ...) with a (B, J) index -> (B, J, ...)."""
     index = index.reshape(index.shape + (1,) * (tensor.dim() - index.dim()))
@@ -214,6 +230,15 @@ class _BeamState:
     pool_scores: torch.Tensor  # (B, K) length-penalised
     pool_filled: torch.Tensor  # (B, K) bool
     open_: torch.Tensor  # (B, 1) bool
+
+    def select(self, rows: torch.Tensor) -> _BeamState:
+        """The same bookkeeping for a subset of the images (a bool mask or indices over B)."""
+        return _BeamState(*(getattr(self, field.name)[rows] for field in dataclasses.fields(self)))
+
+    def settled(self, gen) -> torch.Tensor:
+        """(B,) bool: images whose pool can no longer change (the heuristic closed it, or it is full
+        with early_stopping=True); both are permanent, so such images can leave the batch."""
+        return ~self.open_[:, 0] | (self.pool_filled.all(-1) & (gen.early_stopping is True))
 
 
 def _init_beams(batch_size: int, num_beams: int, max_length: int, bos: int, pad: int, device) -> _BeamState:
@@ -272,13 +297,6 @@ def _update_open(beams: _BeamState, length: int, max_length: int, gen) -> None:
     worst_pool = beams.pool_scores.min(dim=1, keepdim=True).values
     worst_pool = torch.where(beams.pool_filled, worst_pool, torch.full_like(worst_pool, NEG_INF_SCORE))
     beams.open_ = beams.open_ & (best_running > worst_pool).any(-1, keepdim=True)
-
-
-def _beam_search_done(beams: _BeamState, ends: torch.Tensor, gen) -> torch.Tensor:
-    """A 0-d bool tensor: stop when no live beam can improve, every pool is full (early_stopping
-    True) or every candidate ended (maximum length)."""
-    all_full = beams.pool_filled.all() & (gen.early_stopping is True)
-    return ~beams.open_.any() | all_full | ends.all()
 
 
 # ----------------------------------------------------------------------------- the model
@@ -525,7 +543,7 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         the log-softmax. Keeping the two apart saves writing another (N, V) tensor per step.
         """
         logits = logits.float()
-        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+        normaliser = _log_sum_exp(logits)
         config = self.config
         banned = [config.pad_token_id, config.bos_token_id, *(gen.suppress_tokens or [])]
         logits[:, banned] = float("-inf")
@@ -535,34 +553,35 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         return logits, normaliser
 
     def _greedy_or_sample(self, image_embeds: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """One hypothesis per (image, return sequence); stops when all have written EOS."""
+        """One hypothesis per (image, return sequence); a caption leaves the batch when it writes EOS."""
         config = self.config
         image_embeds = image_embeds.repeat_interleave(gen.num_return_sequences, dim=0)
         batch, device = image_embeds.shape[0], image_embeds.device
-        max_length = gen.max_new_tokens + 1
-        sequences = torch.full((batch, max_length), config.pad_token_id, dtype=torch.long, device=device)
+        sequences = torch.full((batch, gen.max_new_tokens + 1), config.pad_token_id, dtype=torch.long, device=device)
         sequences[:, 0] = config.bos_token_id
-        total = torch.zeros(batch, device=device)
-        lengths = torch.zeros(batch, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        state = self.decoder.start(image_embeds)
+        scores = torch.zeros(batch, device=device)
+        rows = torch.arange(batch, device=device)  # the captions still being written
+        live, total, state = sequences.clone(), scores.clone(), self.decoder.start(image_embeds)
         for step in range(gen.max_new_tokens):
-            logits, state = self.decoder.step(sequences[:, step], state)
-            masked, normaliser = self._next_token_scores(logits, sequences[:, : step + 1], step, gen)
+            logits, state = self.decoder.step(live[:, step], state)
+            masked, normaliser = self._next_token_scores(logits, live[:, : step + 1], step, gen)
             if gen.do_sample:
                 warped = _warp_for_sampling(masked - normaliser, gen.temperature, gen.top_k, gen.top_p)
                 tokens = torch.multinomial(warped.softmax(-1), 1).squeeze(1)
             else:
                 tokens = masked.argmax(-1)
-            tokens = tokens.masked_fill(finished, config.pad_token_id)
-            chosen = masked.gather(1, tokens[:, None]) - normaliser  # the token's log-prob
-            total += chosen.squeeze(1).masked_fill(finished, 0.0)
-            lengths += (~finished).to(lengths.dtype)
-            sequences[:, step + 1] = tokens
-            finished |= tokens == config.eos_token_id
-            if finished.all():  # one host sync per step, none per image or candidate
-                break
-        return sequences, total / lengths**gen.length_penalty
+            total += (masked.gather(1, tokens[:, None]) - normaliser).squeeze(1)  # the token's log-prob
+            live[:, step + 1] = tokens
+            ended = (tokens == config.eos_token_id) | (step + 1 == gen.max_new_tokens)
+            if ended.any():  # one host sync per step, none per image or candidate
+                sequences[rows[ended]] = live[ended]
+                scores[rows[ended]] = total[ended] / (step + 1) ** gen.length_penalty
+                keep = ~ended
+                if not keep.any():
+                    break
+                rows, live, total = rows[keep], live[keep], total[keep]
+                state = tuple(s[:, keep] for s in state)
+        return sequences, scores
 
     def _beam_search(self, image_embeds: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' beam search (2K candidates, a pool of K finished), batched over images."""
@@ -571,8 +590,10 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         max_length = gen.max_new_tokens + 1
         beams = _init_beams(batch, num_beams, max_length, config.bos_token_id, config.pad_token_id, self.device)
         state = self.decoder.start(image_embeds.repeat_interleave(num_beams, dim=0))
-        batch_offset = torch.arange(batch, device=self.device)[:, None] * num_beams
+        pool_sequences, pool_scores = beams.pool_sequences.clone(), beams.pool_scores.clone()  # results
+        rows = torch.arange(batch, device=self.device)  # the images still searching
         for length in range(1, max_length):  # `length` tokens so far (BOS included)
+            batch = len(rows)
             flat_sequences = beams.running_sequences[:, :, :length].reshape(batch * num_beams, length)
             logits, state = self.decoder.step(flat_sequences[:, -1], state)
             masked, normaliser = self._next_token_scores(logits, flat_sequences, length - 1, gen)
@@ -587,12 +608,21 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             ends = (tokens == config.eos_token_id) | (length + 1 >= max_length)
             kept_parents = _advance_running(beams, scores, candidates, parents, ends, num_beams)
             _update_pool(beams, scores, candidates, ends, length, gen)
-            state = tuple(s.index_select(1, (kept_parents + batch_offset).view(-1)) for s in state)
+            beam_offset = torch.arange(batch, device=self.device)[:, None] * num_beams
+            state = tuple(s.index_select(1, (kept_parents + beam_offset).view(-1)) for s in state)
             _update_open(beams, length + 1, max_length, gen)
-            if _beam_search_done(beams, ends, gen):  # one host sync per step
-                break
+            # Settled images leave the batch: the rest stop paying for them. At the length limit all are.
+            settled = beams.settled(gen) | ends.all(-1)
+            if settled.any():  # one host sync per step, none per image or candidate
+                pool_sequences[rows[settled]] = beams.pool_sequences[settled]
+                pool_scores[rows[settled]] = beams.pool_scores[settled]
+                keep = ~settled
+                if not keep.any():
+                    break
+                rows, beams = rows[keep], beams.select(keep)
+                state = tuple(s.view(s.shape[0], batch, num_beams, -1)[:, keep].flatten(1, 2) for s in state)
         count = gen.num_return_sequences
-        return beams.pool_sequences[:, :count].reshape(batch * count, -1), beams.pool_scores[:, :count].reshape(-1)
+        return pool_sequences[:, :count].flatten(0, 1), pool_scores[:, :count].flatten()
 
 
 # ----------------------------------------------------------------------------- small helpers
