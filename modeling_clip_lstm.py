@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,19 @@ def _sampled_candidates(totals: torch.Tensor, num_candidates: int, vocab_size: i
     scores, order = totals.gather(1, picked).sort(dim=-1, descending=True)
     picked = picked.gather(1, order)
     return scores, picked // vocab_size, picked % vocab_size
+
+
+@contextlib.contextmanager
+def _lstm_kernels_for(rows: int, device: torch.device):
+    """On CPU, torch's native LSTM step for small batches: oneDNN's takes 2.4 ms for one row where
+    the native kernel takes 0.27 ms, and only catches up around 1,000 rows (measured, 512 wide)."""
+    if device.type != "cpu" or rows >= 1024 or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the flags() call warns about TF32 on Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 def _log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
@@ -526,10 +540,12 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         """
         gen = self._generation_settings(generation_config, kwargs)
         image_embeds = self._image_features(pixel_values, image_embeds)
-        if gen.num_beams > 1:
-            sequences, scores = self._beam_search(image_embeds, gen)
-        else:
-            sequences, scores = self._greedy_or_sample(image_embeds, gen)
+        rows = len(image_embeds) * max(gen.num_beams, gen.num_return_sequences)
+        with _lstm_kernels_for(rows, image_embeds.device):
+            if gen.num_beams > 1:
+                sequences, scores = self._beam_search(image_embeds, gen)
+            else:
+                sequences, scores = self._greedy_or_sample(image_embeds, gen)
         sequences = _crop_trailing_padding(sequences, self.config.pad_token_id)
         if gen.return_dict_in_generate:
             return ClipLstmGenerateOutput(sequences=sequences, sequences_scores=scores if gen.output_scores else None)
