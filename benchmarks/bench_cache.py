@@ -14,7 +14,6 @@ alone and the tower alone. A second call that reads the cache back is timed too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -29,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import device_info, emit  # noqa: E402
 from configuration_clip_lstm import ClipLstmConfig  # noqa: E402
 from data import ImageFiles, cache_image_embeds, load_caption_dataset  # noqa: E402
 from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
 
     report = {
         "benchmark": "clip_embedding_cache_from_jpeg_files",
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_info(torch.device(args.device)),
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "workdir")},
         "tower": "tiny (quick)" if args.quick else "ViT-B/32 shape, random weights",
@@ -166,13 +166,9 @@ def main(argv=None) -> dict:
     }
     on_gpu = args.device.startswith("cuda") and not args.quick
     report["target_met"] = report["end_to_end_images_per_s"] >= 2000 if on_gpu else None
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
-    return report
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":

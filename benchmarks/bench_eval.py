@@ -19,9 +19,7 @@ runs to `--max_new_tokens`: the worst case for search and metrics (the JSON give
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 import data  # noqa: E402
 import evaluate_model  # noqa: E402
+from benchmarks.common import device_info, emit  # noqa: E402
 from configuration_clip_lstm import ClipLstmConfig  # noqa: E402
 from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
 from processing import ClipLstmProcessor, build_caption_tokenizer, image_processor_for  # noqa: E402
@@ -92,17 +91,6 @@ def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, result
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
-    return {
-        "type": device.type, "name": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        # another busy process on the same cores slows everything: say how busy the machine was
-        "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -240,11 +228,7 @@ def main(argv=None) -> dict:
         "versions": evaluate_model.package_versions(),
     }  # fmt: skip
     results["targets"] = evaluate_targets(results)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return results
+    return emit(results, args.output)
 
 
 if __name__ == "__main__":

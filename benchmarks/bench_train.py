@@ -13,8 +13,6 @@ for 50 epochs, and peak memory, for an ~8k caption vocabulary and CLIP's 49,409.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import sys
 import time
@@ -25,6 +23,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import device_info, emit  # noqa: E402
 from configuration_clip_lstm import ClipLstmConfig  # noqa: E402
 from data import CaptionPairs  # noqa: E402
 from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
@@ -106,14 +105,6 @@ def time_vocab(args, vocab_size: int) -> dict:
     }
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model_lines = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-    cpu = model_lines[0].split(":", 1)[1].strip() if model_lines else platform.processor()
-    return f"{cpu} ({torch.get_num_threads()} threads)"
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     results = [time_vocab(args, int(v)) for v in args.vocab_sizes.split(",")]
@@ -121,18 +112,14 @@ def main(argv=None) -> dict:
     small_vocab = min(results, key=lambda r: r["vocab_size"])
     report = {
         "benchmark": "train_from_cached_embeddings",
-        "device": device_name(),
+        "device": device_info(torch.device("cuda" if on_gpu else "cpu")),
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "results": results,
         "target": TARGET,
         "target_met": small_vocab["projected_seconds_50_epochs"] < 60 if on_gpu and not args.quick else None,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
-    return report
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":

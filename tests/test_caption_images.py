@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import coloured_image, peaked_model, tiny_processor
+from tiny import coloured_image, save_peaked_captioner
 
 import caption_images
 from modeling_clip_lstm import ClipLstmForImageCaptioning
@@ -22,17 +22,7 @@ COLOURS = {"red.png": (200, 30, 30), "sub/blue.jpg": (30, 40, 210), "sub/deeper/
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    processor = tiny_processor()
-    tokenizer = processor.tokenizer
-    ids = dict(
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    peaked_model(0, eos_bias=-1.0, vocab_size=len(tokenizer), **ids).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_peaked_captioner(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

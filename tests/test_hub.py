@@ -6,7 +6,14 @@ import sys
 import textwrap
 
 import torch
-from tiny import coloured_image, model_for_tokenizer, peaked_model, tiny_processor
+from tiny import (
+    PROJECT_MODULES,
+    block_imports,
+    coloured_image,
+    model_for_tokenizer,
+    peaked_model,
+    tiny_processor,
+)
 
 from configuration_clip_lstm import ClipLstmConfig
 from modeling_clip_lstm import ClipLstmForImageCaptioning
@@ -43,15 +50,10 @@ def test_round_trip_gives_identical_logits_and_captions(tmp_path):
     assert ours == theirs and all(ours)
 
 
-FRESH_PROCESS = textwrap.dedent(
+# The project must not be importable: everything has to come from the saved folder.
+FRESH_PROCESS = block_imports(*PROJECT_MODULES) + textwrap.dedent(
     """
     import json, socket, sys
-    # The project must not be importable: everything has to come from the saved folder.
-    class Blocked:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"configuration_clip_lstm", "modeling_clip_lstm", "processing", "data"}:
-                raise ImportError(f"{name} is blocked in this test")
-    sys.meta_path.insert(0, Blocked())
     # Nor may loading touch the network: any connection attempt is recorded and refused.
     attempts = []
     def refuse(*args, **kwargs):

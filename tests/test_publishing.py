@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard, constants
-from tiny import coloured_image, peaked_model, tiny_processor
+from tiny import PROJECT_MODULES, block_imports, coloured_image, peaked_captioner
 
 from modeling_clip_lstm import ClipLstmForImageCaptioning
 from publishing import model_index, publish, save_for_hub, write_model_card
@@ -178,14 +178,7 @@ def hub(monkeypatch):
 
 @pytest.fixture
 def model_and_processor():
-    processor = tiny_processor()
-    tokenizer = processor.tokenizer
-    ids = dict(
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return peaked_model(0, eos_bias=-1.0, vocab_size=len(tokenizer), **ids), processor
+    return peaked_captioner()
 
 
 @pytest.fixture
@@ -202,16 +195,8 @@ def generate_ids(model, processor, images) -> list[list[int]]:
 
 
 # Run in a fresh interpreter, cwd elsewhere, where the project's modules cannot be imported.
-LOAD_ELSEWHERE = r"""
-import importlib.abc, json, sys
-BLOCKED = {"configuration_clip_lstm", "modeling_clip_lstm", "processing", "data"}
-
-class BlockProject(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name in BLOCKED:
-            raise ImportError(f"{name} is blocked: a published repo must not need the project")
-
-sys.meta_path.insert(0, BlockProject())
+LOAD_ELSEWHERE = block_imports(*PROJECT_MODULES) + r"""
+import json, sys
 try:
     import processing  # noqa: F401
     raise SystemExit("the project's processing.py is importable: the check would prove nothing")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from tiny import coloured_image, peaked_model, save_tiny_blip, tiny_processor
+from tiny import block_imports, coloured_image, save_peaked_captioner, save_tiny_blip
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install '.[space]')")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -30,21 +30,6 @@ from processing import ClipLstmProcessor  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "space-screenshot.png"
 BEAMS, MAX_NEW_TOKENS = 3, 8
-
-
-def tiny_ours_folder(folder: Path) -> Path:
-    """Our tiny captioner with peaked (image-dependent) predictions, saved with its processor."""
-    processor = tiny_processor()
-    tokenizer = processor.tokenizer
-    ids = dict(
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = peaked_model(0, eos_bias=-1.0, vocab_size=len(tokenizer), **ids)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def free_port() -> int:
@@ -58,7 +43,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("space")
     images = root / "images"
     images.mkdir()
-    paths = {"ours": tiny_ours_folder(root / "ours"), "blip": save_tiny_blip(root / "blip")}
+    paths = {"ours": save_peaked_captioner(root / "ours"), "blip": save_tiny_blip(root / "blip")}
     for name, colour in (("red", (200, 30, 30)), ("blue", (30, 40, 210))):
         paths[name] = images / f"{name}.png"
         coloured_image(colour, size=(64, 48)).save(paths[name])
@@ -186,16 +171,8 @@ SPACE_FILES = {
     "processing.py": "processing.py",
 }
 # Run in the Space folder, where the rest of the project (training script, model code) is blocked.
-SPACE_IMPORT = r"""
-import importlib.abc, json, sys
-BLOCKED = {"configuration_clip_lstm", "modeling_clip_lstm", "data", "train_accelerate"}
-
-class BlockProject(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name in BLOCKED:
-            raise ImportError(f"{name} is not part of the Space")
-
-sys.meta_path.insert(0, BlockProject())
+SPACE_IMPORT = block_imports("configuration_clip_lstm", "modeling_clip_lstm", "data", "train_accelerate") + r"""
+import json, sys
 import space_app
 answer = space_app.caption({"path": sys.argv[1], "orig_name": "red.png"}, 3, 8, False)
 print("RESULT " + json.dumps([space_app.OURS.error, space_app.BLIP.error, answer[1], answer[4]]))

@@ -6,6 +6,7 @@ the tests write, images drawn with PIL.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -114,6 +115,22 @@ def model_for_tokenizer(tokenizer, seed: int = 0, **overrides) -> ClipLstmForIma
     return tiny_model(seed, **ids, **overrides)
 
 
+def peaked_captioner(seed: int = 0, eos_bias: float = -1.0):
+    """A peaked (image-dependent) tiny model and its processor; captions are rarely empty."""
+    processor = tiny_processor()
+    tokenizer = processor.tokenizer
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    return peaked_model(seed, eos_bias=eos_bias, vocab_size=len(tokenizer), **ids), processor
+
+
+def save_peaked_captioner(folder: Path) -> Path:
+    model, processor = peaked_captioner()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def coloured_image(colour=(200, 30, 30), size=(40, 30)) -> Image.Image:
     image = Image.new("RGB", size, (240, 240, 240))
     image.paste(colour, (size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4))
@@ -145,3 +162,21 @@ def save_tiny_blip(folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+PROJECT_MODULES = ("configuration_clip_lstm", "modeling_clip_lstm", "processing", "data", "train_accelerate")
+
+
+def block_imports(*modules: str) -> str:
+    """Python source to start a script run in a fresh interpreter with: `modules` cannot be imported
+    there (the project is installed in editable mode, so leaving PYTHONPATH out is not enough)."""
+    return textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class _Blocked(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {set(modules)!r}:
+                    raise ImportError(f"{{name}} is blocked in this test")
+        sys.meta_path.insert(0, _Blocked())
+        """
+    )
