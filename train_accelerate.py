@@ -12,6 +12,7 @@ loss, sample captions, early stopping, the best model saved atomically), and the
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -136,6 +137,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+
+def check_trackers(report_to: str) -> list[str] | None:
+    """The trackers to log to; accelerate only warns when a tracker's package is missing, we stop."""
+    if report_to == "none":
+        return None
+    names = ["tensorboard", "trackio"] if report_to == "all" else [report_to]
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"--report_to {report_to}: the {name} package is not installed "
+                             "(pip install -e '.[tracking]')")
+    return names
 
 
 def build_tokenizer(args, train_split):
@@ -306,7 +319,7 @@ def save_checkpoint(accelerator, args, state: dict) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    trackers = None if args.report_to == "none" else args.report_to
+    trackers = check_trackers(args.report_to)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -161,6 +161,14 @@ def test_plain_python_run_with_tensorboard_and_final_evaluation(tmp_path, small_
     assert json.loads((output_dir / "model" / "report.json").read_text()) == report  # the model card reads it
 
 
+def test_trackio_tracking_works_offline(tmp_path, small_shapes):
+    pytest.importorskip("trackio", reason="the trackio tracker needs the trackio package (dev extra)")
+    result = run_script([sys.executable, "train_accelerate.py", *tiny_run_args(small_shapes, tmp_path / "run"),
+                         "--num_epochs", "1", "--report_to", "trackio"], {"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "hf" / "trackio" / "clip-lstm-captioner.db").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -221,3 +229,12 @@ def test_push_to_hub_publishes_the_best_model_folder(tmp_path, small_shapes, mon
     train_accelerate.main(tiny_run_args(small_shapes, output_dir, "--num_epochs", "1", "--push_to_hub",
                                         "--hub_model_id", "someone/tiny-captioner"))
     assert published == [(output_dir / "model", "someone/tiny-captioner")]
+
+
+def test_a_tracker_that_is_not_installed_is_named(monkeypatch):
+    real_find_spec = train_accelerate.importlib.util.find_spec
+    monkeypatch.setattr(train_accelerate.importlib.util, "find_spec",
+                        lambda name: None if name == "trackio" else real_find_spec(name))
+    with pytest.raises(ValueError, match=r"--report_to all: the trackio package is not installed"):
+        train_accelerate.check_trackers("all")
+    assert train_accelerate.check_trackers("none") is None
