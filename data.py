@@ -1118,7 +1118,7 @@ def _embed_images(sources, model, image_processor, batch_size: int, num_workers:
     return features
 
 
-def _weights_digest(module: torch.nn.Module) -> str:
+def weights_digest(module: torch.nn.Module) -> str:
     """Identity of a module's weights: a hash of every tensor's name, dtype, shape and bytes."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in module.state_dict().items():
@@ -1149,7 +1149,7 @@ def embedding_fingerprint(dataset: datasets.Dataset, model, image_processor, enc
     for part in (
         dataset._fingerprint,
         _files_digest(dataset),
-        encoder_digest or _weights_digest(model.vision_tower),
+        encoder_digest or weights_digest(model.vision_tower),
         model.config.image_feature,
         image_processor.to_json_string(),
     ):
@@ -1166,6 +1166,7 @@ def cache_image_embeds(
     batch_size: int = 256,
     num_workers: int | None = None,
     on_bad_image: str = "error",
+    encoder_digest: str | None = None,
 ) -> datasets.Dataset:
     """Add an `image_embeds` column: each image's raw (unnormalised) CLIP feature, computed once.
 
@@ -1176,6 +1177,8 @@ def cache_image_embeds(
     reads it back instead of running CLIP; changing any of them computes a new one. Under
     several processes call it inside `accelerator.main_process_first()` so it runs once.
     Unreadable images stop with their path (`on_bad_image="error"`) or are dropped ("skip").
+    Pass `encoder_digest=weights_digest(model.vision_tower)` when caching several splits with
+    one encoder, to hash its weights (350 MB for ViT-B/32) once instead of per split.
 
     Example:
         >>> test = cache_image_embeds(splits["test"], model, processor.image_processor)
@@ -1184,7 +1187,7 @@ def cache_image_embeds(
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-    key = embedding_fingerprint(dataset, model, image_processor)
+    key = embedding_fingerprint(dataset, model, image_processor, encoder_digest)
     folder = Path(cache_dir or default_cache_dir()) / "embeddings"
     folder.mkdir(parents=True, exist_ok=True)
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers

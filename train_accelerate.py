@@ -38,6 +38,7 @@ from data import (
     keep_batch,
     read_scenes,
     shapes_root,
+    weights_digest,
 )
 from evaluate_model import evaluate_captioner
 from modeling_clip_lstm import DEFAULT_VISION_MODEL, ClipLstmForImageCaptioning
@@ -343,11 +344,12 @@ def main(argv=None) -> dict:
     model = build_model(args, tokenizer, tower)
     processor = ClipLstmProcessor(image_processor_for(model.config.vision_config), tokenizer, args.max_caption_length)
     model.to(accelerator.device)
+    encoder = weights_digest(model.vision_tower)  # hashed once for the three splits
     with accelerator.main_process_first():
         splits = {
             name: cache_image_embeds(split, model, processor.image_processor, cache_dir=args.data_cache_dir,
                                      batch_size=args.embed_batch_size, num_workers=args.num_workers,
-                                     on_bad_image=args.on_bad_image)
+                                     on_bad_image=args.on_bad_image, encoder_digest=encoder)
             for name, split in splits.items()
         }
     model.fit_image_statistics(image_embeds_of(splits["train"]))

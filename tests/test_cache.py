@@ -14,6 +14,7 @@ from data import (
     image_embeds_of,
     load_caption_dataset,
     make_shapes_dataset,
+    weights_digest,
 )
 from processing import ImageLoadError, image_processor_for
 
@@ -57,6 +58,8 @@ def test_second_run_reuses_the_cache_and_other_settings_recompute(tmp_path, shap
     assert calls["images"] == split.num_rows
     again = embed(split, model, tmp_path / "cache")
     assert calls["images"] == split.num_rows  # read back, CLIP did not run
+    embed(split, model, tmp_path / "cache", encoder_digest=weights_digest(model.vision_tower))
+    assert calls["images"] == split.num_rows  # a digest computed beforehand names the same cache
     assert torch.equal(image_embeds_of(first), image_embeds_of(again))
 
     other_encoder = tiny_model(seed=9)  # same shapes, different weights
