@@ -75,7 +75,9 @@ class ClipLstmConfig(PretrainedConfig):
         elif isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**vision_config)
         elif not isinstance(vision_config, CLIPVisionConfig):
-            raise ValueError(f"vision_config must be a dict or CLIPVisionConfig, got {type(vision_config).__name__}")
+            raise ValueError(
+                f"vision_config must be a dict or CLIPVisionConfig, got {type(vision_config).__name__}"
+            )
         self.vision_config = vision_config
         self.image_feature = image_feature
         self.normalize_image_embeds = normalize_image_embeds
@@ -108,17 +110,25 @@ class ClipLstmConfig(PretrainedConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.initializer_range) > 0.0:
             raise ValueError(f"initializer_range must be positive, got {self.initializer_range!r}")
-        ids = {"pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        ids = {
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
         for name, value in ids.items():
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}")
+                raise ValueError(
+                    f"{name} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
         if self.pad_token_id == self.eos_token_id:
             raise ValueError(
                 f"pad_token_id and eos_token_id are both {self.pad_token_id}: padding is ignored by the loss, "
                 "so EOS would never be learned; give the tokenizer a distinct pad token"
             )
         if self.bos_token_id in (self.pad_token_id, self.eos_token_id):
-            raise ValueError(f"bos_token_id {self.bos_token_id} must differ from pad_token_id and eos_token_id")
+            raise ValueError(
+                f"bos_token_id {self.bos_token_id} must differ from pad_token_id and eos_token_id"
+            )
 
 
 __all__ = ["ClipLstmConfig"]

@@ -1,7 +1,8 @@
 """ClipLstmForImageCaptioning: a frozen CLIP vision tower, an LSTM decoder, batched beam search.
 
-Read top to bottom: output dataclasses, the decoder, decoding helpers (log-prob masks,
-sampling warpers, the beam-search steps), the `PreTrainedModel` base, and the captioner.
+Read top to bottom: constants, output dataclasses, the decoder, small helpers (weight loading,
+input checks, log-prob masks, sampling warpers, candidate selection), the beam-search state and
+its steps, the `PreTrainedModel` base, and the captioner.
 """
 
 from __future__ import annotations
@@ -133,6 +134,80 @@ class ClipLstmDecoder(nn.Module):
         return self.lm_head(self.dropout(hidden[:, 0])), state
 
 
+# ----------------------------------------------------------------------------- input and output helpers
+
+
+def load_clip_vision_tower(tower_class, name_or_path: str) -> nn.Module:
+    """Load CLIP vision weights, turning the offline failure into one line naming the way out.
+
+    Example (downloads from the Hub unless the weights are cached or the path is a local folder):
+
+        tower = load_clip_vision_tower(CLIPVisionModel, "openai/clip-vit-base-patch32")
+    """
+    try:
+        return tower_class.from_pretrained(name_or_path)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"cannot load CLIP vision weights {name_or_path!r} ({reason}); offline, pass a local folder saved "
+            "with save_pretrained, or build a random tower from a CLIPVisionConfig"
+        ) from None
+
+
+def _trim_padding(input_ids, attention_mask, labels):
+    """Cut a right-padded batch to its longest caption and make padding no target."""
+    if attention_mask is None:
+        return input_ids, attention_mask, labels
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+        )
+    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        raise ValueError(
+            "attention_mask must be right-padded (1 ... 1 0 ... 0): the LSTM reads left to right"
+        )
+    longest = int(attention_mask.sum(dim=1).max())
+    input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
+    if labels is not None:
+        labels = labels[:, :longest].masked_fill(attention_mask == 0, -100)
+    return input_ids, attention_mask, labels
+
+
+def _validate_generation(gen: GenerationConfig) -> None:
+    """One-line ValueErrors naming the bad generation argument."""
+
+    def at_least(value, low: int) -> bool:
+        return isinstance(value, int) and value >= low
+
+    checks = [
+        (at_least(gen.max_new_tokens, 1), "max_new_tokens", "an integer >= 1"),
+        (at_least(gen.min_new_tokens, 0), "min_new_tokens", "an integer >= 0"),
+        (at_least(gen.num_beams, 1), "num_beams", "an integer >= 1"),
+        (gen.early_stopping in (True, False, "never"), "early_stopping", "True, False or 'never'"),
+        (at_least(gen.no_repeat_ngram_size, 0), "no_repeat_ngram_size", ">= 0"),
+        (at_least(gen.num_return_sequences, 1), "num_return_sequences", ">= 1"),
+        (gen.temperature > 0, "temperature", "> 0"),
+        (at_least(gen.top_k, 0), "top_k", "an integer >= 0"),
+        (0 < gen.top_p <= 1, "top_p", "in (0, 1]"),
+    ]
+    for ok, name, rule in checks:
+        if not ok:
+            raise ValueError(f"generate(): {name} must be {rule}, got {getattr(gen, name)!r}")
+    if gen.num_beams > 1 and gen.num_return_sequences > gen.num_beams:
+        raise ValueError(
+            f"generate(): num_return_sequences ({gen.num_return_sequences}) must be <= num_beams ({gen.num_beams})"
+        )
+    if gen.num_beams == 1 and not gen.do_sample and gen.num_return_sequences > 1:
+        raise ValueError("generate(): greedy search returns one sequence; use num_beams or do_sample=True")
+
+
+def _crop_trailing_padding(sequences: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Drop the columns after the longest caption (PAD is never generated, so they are all PAD)."""
+    is_token = (sequences != pad_token_id).int()
+    last_token = sequences.shape[1] - 1 - is_token.flip(1).argmax(1)  # (N,) index of each row's last token
+    return sequences[:, : int(last_token.max()) + 1]
+
+
 # ----------------------------------------------------------------------------- decoding helpers
 
 
@@ -217,10 +292,8 @@ def _log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
     if logits.is_cuda:
         return peak + (logits - peak).exp().sum(dim=-1, keepdim=True).log()
     rows_per_chunk = max(1, (4 << 20) // logits.shape[1])  # ~16 MB of float32 per chunk
-    sums = torch.cat([
-        (chunk - chunk_peak).exp_().sum(dim=-1, keepdim=True)
-        for chunk, chunk_peak in zip(logits.split(rows_per_chunk), peak.split(rows_per_chunk), strict=True)
-    ])
+    chunks = zip(logits.split(rows_per_chunk), peak.split(rows_per_chunk), strict=True)
+    sums = torch.cat([(chunk - chunk_peak).exp_().sum(dim=-1, keepdim=True) for chunk, chunk_peak in chunks])
     return peak + sums.log()
 
 
@@ -228,6 +301,9 @@ def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather along dim 1 of (B, K, ...) with a (B, J) index -> (B, J, ...)."""
     index = index.reshape(index.shape + (1,) * (tensor.dim() - index.dim()))
     return torch.take_along_dim(tensor, index, dim=1)
+
+
+# ----------------------------------------------------------------------------- beam-search state
 
 
 @dataclass
@@ -245,72 +321,73 @@ class _BeamState:
     pool_filled: torch.Tensor  # (B, K) bool
     open_: torch.Tensor  # (B, 1) bool
 
+    @classmethod
+    def start(
+        cls, batch_size: int, num_beams: int, max_length: int, bos: int, pad: int, device
+    ) -> _BeamState:
+        """K beams per image holding BOS alone, an empty pool, every image open."""
+        sequences = torch.full((batch_size, num_beams, max_length), pad, dtype=torch.long, device=device)
+        sequences[:, :, 0] = bos
+        running_scores = torch.zeros(batch_size, num_beams, device=device)
+        running_scores[:, 1:] = NEG_INF_SCORE  # only beam 0 expands at first, so beams start distinct
+        return cls(
+            running_sequences=sequences,
+            running_scores=running_scores,
+            pool_sequences=sequences.clone(),
+            pool_scores=torch.full((batch_size, num_beams), NEG_INF_SCORE, device=device),
+            pool_filled=torch.zeros(batch_size, num_beams, dtype=torch.bool, device=device),
+            open_=torch.ones(batch_size, 1, dtype=torch.bool, device=device),
+        )
+
     def select(self, rows: torch.Tensor) -> _BeamState:
         """The same bookkeeping for a subset of the images (a bool mask or indices over B)."""
         return _BeamState(*(getattr(self, field.name)[rows] for field in dataclasses.fields(self)))
+
+    def advance_running(self, scores, sequences, parents, ends) -> torch.Tensor:
+        """Keep the K best candidates that did not end; returns their parent beam (B, K)."""
+        num_beams = self.running_scores.shape[1]
+        alive_scores = scores + ends.to(scores.dtype) * NEG_INF_SCORE
+        keep = torch.topk(alive_scores, num_beams, dim=-1).indices
+        self.running_sequences = _take(sequences, keep)
+        self.running_scores = _take(alive_scores, keep)
+        return _take(parents, keep)
+
+    def update_pool(self, scores, sequences, ends, num_generated: int, gen) -> None:
+        """Merge the candidates that just ended into the pool of K finished hypotheses.
+
+        Only candidates ranked in the first K of the 2K may finish; none are added once the pool is
+        full with `early_stopping=True`, or once the heuristic says no live beam can improve it.
+        """
+        num_beams = self.pool_scores.shape[1]
+        in_top_k = torch.arange(scores.shape[1], device=scores.device) < num_beams
+        finishing = ends & in_top_k
+        penalised = scores / (num_generated**gen.length_penalty)
+        pool_full = self.pool_filled.all(-1, keepdim=True) & (gen.early_stopping is True)
+        # Penalties add up (as in transformers): scores and float32 ties match its beam search exactly.
+        penalised = penalised + pool_full.to(penalised.dtype) * NEG_INF_SCORE
+        penalised = penalised + (~self.open_).to(penalised.dtype) * NEG_INF_SCORE
+        penalised = penalised + (~finishing).to(penalised.dtype) * NEG_INF_SCORE
+        merged_scores = torch.cat([self.pool_scores, penalised], dim=1)
+        best = torch.topk(merged_scores, num_beams, dim=-1).indices
+        self.pool_sequences = _take(torch.cat([self.pool_sequences, sequences], dim=1), best)
+        self.pool_scores = _take(merged_scores, best)
+        self.pool_filled = _take(torch.cat([self.pool_filled, finishing], dim=1), best)
+
+    def update_open(self, length: int, max_length: int, gen) -> None:
+        """transformers' early-stop heuristic: can the best live beam still beat the worst finished one?"""
+        if gen.early_stopping == "never" and gen.length_penalty > 0.0:
+            best_length = max_length - 1  # a positive length penalty favours the longest possible hypothesis
+        else:
+            best_length = length - 1
+        best_running = self.running_scores[:, :1] / (best_length**gen.length_penalty)
+        worst_pool = self.pool_scores.min(dim=1, keepdim=True).values
+        worst_pool = torch.where(self.pool_filled, worst_pool, torch.full_like(worst_pool, NEG_INF_SCORE))
+        self.open_ = self.open_ & (best_running > worst_pool).any(-1, keepdim=True)
 
     def settled(self, gen) -> torch.Tensor:
         """(B,) bool: images whose pool can no longer change (the heuristic closed it, or it is full
         with early_stopping=True); both are permanent, so such images can leave the batch."""
         return ~self.open_[:, 0] | (self.pool_filled.all(-1) & (gen.early_stopping is True))
-
-
-def _init_beams(batch_size: int, num_beams: int, max_length: int, bos: int, pad: int, device) -> _BeamState:
-    sequences = torch.full((batch_size, num_beams, max_length), pad, dtype=torch.long, device=device)
-    sequences[:, :, 0] = bos
-    running_scores = torch.zeros(batch_size, num_beams, device=device)
-    running_scores[:, 1:] = NEG_INF_SCORE  # only beam 0 expands at first, so beams start distinct
-    return _BeamState(
-        running_sequences=sequences,
-        running_scores=running_scores,
-        pool_sequences=sequences.clone(),
-        pool_scores=torch.full((batch_size, num_beams), NEG_INF_SCORE, device=device),
-        pool_filled=torch.zeros(batch_size, num_beams, dtype=torch.bool, device=device),
-        open_=torch.ones(batch_size, 1, dtype=torch.bool, device=device),
-    )
-
-
-def _advance_running(beams: _BeamState, scores, sequences, parents, ends, num_beams: int) -> torch.Tensor:
-    """Keep the K best candidates that did not end; returns their parent beam (B, K)."""
-    alive_scores = scores + ends.to(scores.dtype) * NEG_INF_SCORE
-    keep = torch.topk(alive_scores, num_beams, dim=-1).indices
-    beams.running_sequences = _take(sequences, keep)
-    beams.running_scores = _take(alive_scores, keep)
-    return _take(parents, keep)
-
-
-def _update_pool(beams: _BeamState, scores, sequences, ends, num_generated: int, gen) -> None:
-    """Merge the candidates that just ended into the pool of K finished hypotheses.
-
-    Only candidates ranked in the first K of the 2K may finish; none are added once the pool is
-    full with `early_stopping=True`, or once the heuristic says no live beam can improve it.
-    """
-    num_beams = beams.pool_scores.shape[1]
-    in_top_k = torch.arange(scores.shape[1], device=scores.device) < num_beams
-    finishing = ends & in_top_k
-    penalised = scores / (num_generated**gen.length_penalty)
-    pool_full = beams.pool_filled.all(-1, keepdim=True) & (gen.early_stopping is True)
-    # Penalties add up (as in transformers), so scores and their float32 ties match its beam search exactly.
-    penalised = penalised + pool_full.to(penalised.dtype) * NEG_INF_SCORE
-    penalised = penalised + (~beams.open_).to(penalised.dtype) * NEG_INF_SCORE
-    penalised = penalised + (~finishing).to(penalised.dtype) * NEG_INF_SCORE
-    merged_scores = torch.cat([beams.pool_scores, penalised], dim=1)
-    best = torch.topk(merged_scores, num_beams, dim=-1).indices
-    beams.pool_sequences = _take(torch.cat([beams.pool_sequences, sequences], dim=1), best)
-    beams.pool_scores = _take(merged_scores, best)
-    beams.pool_filled = _take(torch.cat([beams.pool_filled, finishing], dim=1), best)
-
-
-def _update_open(beams: _BeamState, length: int, max_length: int, gen) -> None:
-    """transformers' early-stop heuristic: can the best live beam still beat the worst finished one?"""
-    if gen.early_stopping == "never" and gen.length_penalty > 0.0:
-        best_length = max_length - 1  # a positive length penalty favours the longest possible hypothesis
-    else:
-        best_length = length - 1
-    best_running = beams.running_scores[:, :1] / (best_length**gen.length_penalty)
-    worst_pool = beams.pool_scores.min(dim=1, keepdim=True).values
-    worst_pool = torch.where(beams.pool_filled, worst_pool, torch.full_like(worst_pool, NEG_INF_SCORE))
-    beams.open_ = beams.open_ & (best_running > worst_pool).any(-1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -349,18 +426,21 @@ class ClipLstmPreTrainedModel(PreTrainedModel):
 class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
     """CLIP vision tower (frozen) -> projection -> first LSTM step; LSTM -> caption tokens.
 
-    Example:
-        >>> model = ClipLstmForImageCaptioning.from_pretrained("path/to/model")
-        >>> processor = ClipLstmProcessor.from_pretrained("path/to/model")
-        >>> inputs = processor(images=[load_image("dog.jpg")], return_tensors="pt")
-        >>> processor.batch_decode(model.generate(**inputs, num_beams=5))
-        ['a dog runs across the grass']
+    Example (a trained model and its processor, saved in one folder):
+
+        model = ClipLstmForImageCaptioning.from_pretrained("path/to/model")
+        processor = ClipLstmProcessor.from_pretrained("path/to/model")
+        inputs = processor(images=[load_image("dog.jpg")], return_tensors="pt")
+        processor.batch_decode(model.generate(**inputs, num_beams=5), skip_special_tokens=True)
+        # ['a dog runs across the grass']
     """
 
     def __init__(self, config: ClipLstmConfig, vision_tower: nn.Module | None = None):
         super().__init__(config)
         if vision_tower is None:
-            tower_class = CLIPVisionModelWithProjection if config.image_feature == "projected" else CLIPVisionModel
+            tower_class = (
+                CLIPVisionModelWithProjection if config.image_feature == "projected" else CLIPVisionModel
+            )
             vision_tower = tower_class(config.vision_config)
         self.vision_tower = vision_tower
         self.vision_tower.requires_grad_(False)
@@ -383,24 +463,36 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, plus the saved `generation_config.json` (our generate's defaults)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision", "subfolder") if k in kwargs}
-        with contextlib.suppress(OSError):  # a folder without generation_config.json keeps the model's defaults
-            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        hub_names = ("cache_dir", "local_files_only", "token", "revision", "subfolder")
+        hub_kwargs = {k: kwargs[k] for k in hub_names if k in kwargs}
+        # a folder without generation_config.json keeps the model's defaults
+        with contextlib.suppress(OSError):
+            model.generation_config = GenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, **hub_kwargs
+            )
         return model
 
     @classmethod
     def from_clip(
-        cls, vision_model_name_or_path: str = DEFAULT_VISION_MODEL, image_feature: str = "pooled", **config_kwargs
+        cls,
+        vision_model_name_or_path: str = DEFAULT_VISION_MODEL,
+        image_feature: str = "pooled",
+        **config_kwargs,
     ) -> ClipLstmForImageCaptioning:
         """Build a captioner around pretrained CLIP vision weights (Hub id or local folder), loaded once.
 
-        Example:
-            >>> model = ClipLstmForImageCaptioning.from_clip("openai/clip-vit-base-patch32", vocab_size=8000,
-            ...                                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        Example (downloads the CLIP weights from the Hub unless they are cached):
+
+            model = ClipLstmForImageCaptioning.from_clip(
+                "openai/clip-vit-base-patch32", vocab_size=8000, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2,
+            )
         """
         tower_class = CLIPVisionModelWithProjection if image_feature == "projected" else CLIPVisionModel
         tower = load_clip_vision_tower(tower_class, vision_model_name_or_path)
-        config = ClipLstmConfig(vision_config=tower.config.to_dict(), image_feature=image_feature, **config_kwargs)
+        config = ClipLstmConfig(
+            vision_config=tower.config.to_dict(), image_feature=image_feature, **config_kwargs
+        )
         return cls(config, vision_tower=tower)
 
     @torch.no_grad()
@@ -411,7 +503,16 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         with the weights, so a checkpoint alone reproduces the model.
 
         Example:
-            >>> model.fit_image_statistics(image_embeds_of(splits["train"]))
+            >>> vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # a tiny CLIP tower
+            ...               num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+            >>> config = ClipLstmConfig(vision_config=vision, vocab_size=12, pad_token_id=0, bos_token_id=1,
+            ...                         eos_token_id=2, embed_dim=16, hidden_size=24)
+            >>> model = ClipLstmForImageCaptioning(config).eval()
+            >>> train_embeds = torch.randn(64, config.image_feature_dim) + 3.0  # (N, D) raw CLIP features
+            >>> model.fit_image_statistics(train_embeds)
+            >>> standardised = model.decoder.prepare_image_embeds(train_embeds)
+            >>> bool(standardised.mean(dim=0).abs().max() < 1e-4)
+            True
         """
         decoder = self.decoder
         decoder.image_embeds_mean.zero_()
@@ -439,7 +540,9 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
 
     def _image_features(self, pixel_values, image_embeds) -> torch.Tensor:
         if (pixel_values is None) == (image_embeds is None):
-            raise ValueError("pass exactly one of pixel_values (runs CLIP) or image_embeds (cached CLIP features)")
+            raise ValueError(
+                "pass exactly one of pixel_values (runs CLIP) or image_embeds (cached CLIP features)"
+            )
         if image_embeds is None:
             return self.get_image_features(pixel_values)
         expected = self.config.image_feature_dim
@@ -471,7 +574,17 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             return_logits: `False` skips the (B, T, V) logits and scores only target positions (training).
 
         Example:
-            >>> out = model(image_embeds=feats, **processor(text=["a dog"], return_tensors="pt"))
+            >>> vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # a tiny CLIP tower
+            ...               num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+            >>> config = ClipLstmConfig(vision_config=vision, vocab_size=12, pad_token_id=0, bos_token_id=1,
+            ...                         eos_token_id=2, embed_dim=16, hidden_size=24)
+            >>> model = ClipLstmForImageCaptioning(config).eval()
+            >>> input_ids = torch.tensor([[1, 5, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0]])  # BOS w1 .. EOS PAD
+            >>> attention_mask = (input_ids != 0).long()
+            >>> out = model(image_embeds=torch.randn(2, config.image_feature_dim), input_ids=input_ids,
+            ...             attention_mask=attention_mask, labels=input_ids)
+            >>> out.logits.shape  # cut to the longest caption
+            torch.Size([2, 4, 12])
             >>> out.loss.backward()
         """
         if input_ids is None:
@@ -485,7 +598,9 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             loss = self._caption_loss(hidden, logits, labels.to(self.device))
         return ClipLstmOutput(loss=loss, logits=logits, image_embeds=image_embeds)
 
-    def _caption_loss(self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    def _caption_loss(
+        self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
         """Mean cross-entropy of position t predicting labels[t + 1], over non-ignored targets."""
         targets = labels[:, 1:]
         is_target = targets != -100
@@ -497,11 +612,15 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
 
     # ------------------------------------------------------------------------- generation
 
-    def _generation_settings(self, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    def _generation_settings(
+        self, generation_config: GenerationConfig | None, kwargs: dict
+    ) -> GenerationConfig:
         """Copy of the saved GenerationConfig, updated with call arguments, defaults filled, validated."""
         unknown = sorted(set(kwargs) - set(GENERATION_DEFAULTS) - {"max_length"})
         if unknown:
-            raise ValueError(f"generate() does not support {unknown}; supported: {sorted(GENERATION_DEFAULTS)}")
+            raise ValueError(
+                f"generate() does not support {unknown}; supported: {sorted(GENERATION_DEFAULTS)}"
+            )
         gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         gen.update(**kwargs)
         for name, default in GENERATION_DEFAULTS.items():
@@ -535,8 +654,19 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         [`ClipLstmGenerateOutput`] with `sequences_scores` (sum of log-probs / length ** length_penalty).
 
         Example:
-            >>> ids = model.generate(image_embeds=feats, num_beams=5, max_new_tokens=20)
-            >>> processor.batch_decode(ids)
+            >>> vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # a tiny CLIP tower
+            ...               num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+            >>> config = ClipLstmConfig(vision_config=vision, vocab_size=12, pad_token_id=0, bos_token_id=1,
+            ...                         eos_token_id=2, embed_dim=16, hidden_size=24)
+            >>> model = ClipLstmForImageCaptioning(config).eval()
+            >>> pixel_values = torch.rand(2, 3, 32, 32)  # (B, 3, H, W), as the processor returns them
+            >>> ids = model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=5)
+            >>> ids.dtype, ids.shape[0], ids[:, 0].tolist()  # one caption per image, each starting with BOS
+            (torch.int64, 2, [1, 1])
+            >>> out = model.generate(pixel_values=pixel_values, num_beams=3, num_return_sequences=2,
+            ...                      return_dict_in_generate=True, output_scores=True)
+            >>> out.sequences_scores.shape
+            torch.Size([4])
         """
         gen = self._generation_settings(generation_config, kwargs)
         image_embeds = self._image_features(pixel_values, image_embeds)
@@ -548,7 +678,9 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
                 sequences, scores = self._greedy_or_sample(image_embeds, gen)
         sequences = _crop_trailing_padding(sequences, self.config.pad_token_id)
         if gen.return_dict_in_generate:
-            return ClipLstmGenerateOutput(sequences=sequences, sequences_scores=scores if gen.output_scores else None)
+            return ClipLstmGenerateOutput(
+                sequences=sequences, sequences_scores=scores if gen.output_scores else None
+            )
         return sequences
 
     def _next_token_scores(self, logits, sequences, num_generated: int, gen):
@@ -573,7 +705,9 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         config = self.config
         image_embeds = image_embeds.repeat_interleave(gen.num_return_sequences, dim=0)
         batch, device = image_embeds.shape[0], image_embeds.device
-        sequences = torch.full((batch, gen.max_new_tokens + 1), config.pad_token_id, dtype=torch.long, device=device)
+        sequences = torch.full(
+            (batch, gen.max_new_tokens + 1), config.pad_token_id, dtype=torch.long, device=device
+        )
         sequences[:, 0] = config.bos_token_id
         scores = torch.zeros(batch, device=device)
         rows = torch.arange(batch, device=device)  # the captions still being written
@@ -604,7 +738,9 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         config = self.config
         batch, num_beams, vocab = image_embeds.shape[0], gen.num_beams, config.vocab_size
         max_length = gen.max_new_tokens + 1
-        beams = _init_beams(batch, num_beams, max_length, config.bos_token_id, config.pad_token_id, self.device)
+        beams = _BeamState.start(
+            batch, num_beams, max_length, config.bos_token_id, config.pad_token_id, self.device
+        )
         state = self.decoder.start(image_embeds.repeat_interleave(num_beams, dim=0))
         pool_sequences, pool_scores = beams.pool_sequences.clone(), beams.pool_scores.clone()  # results
         rows = torch.arange(batch, device=self.device)  # the images still searching
@@ -615,18 +751,21 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             masked, normaliser = self._next_token_scores(logits, flat_sequences, length - 1, gen)
             if gen.do_sample:
                 log_probs = _warp_for_sampling(masked - normaliser, gen.temperature, gen.top_k, gen.top_p)
-                totals = (log_probs.view(batch, num_beams, vocab) + beams.running_scores[:, :, None]).view(batch, -1)
+                totals = log_probs.view(batch, num_beams, vocab) + beams.running_scores[:, :, None]
+                totals = totals.view(batch, -1)  # (B, K*V)
                 scores, parents, tokens = _sampled_candidates(totals, 2 * num_beams, vocab)
             else:
-                scores, parents, tokens = _best_candidates(masked, normaliser, beams.running_scores, 2 * num_beams)
+                scores, parents, tokens = _best_candidates(
+                    masked, normaliser, beams.running_scores, 2 * num_beams
+                )
             candidates = _take(beams.running_sequences, parents)
             candidates[:, :, length] = tokens
             ends = (tokens == config.eos_token_id) | (length + 1 >= max_length)
-            kept_parents = _advance_running(beams, scores, candidates, parents, ends, num_beams)
-            _update_pool(beams, scores, candidates, ends, length, gen)
+            kept_parents = beams.advance_running(scores, candidates, parents, ends)
+            beams.update_pool(scores, candidates, ends, length, gen)
             beam_offset = torch.arange(batch, device=self.device)[:, None] * num_beams
             state = tuple(s.index_select(1, (kept_parents + beam_offset).view(-1)) for s in state)
-            _update_open(beams, length + 1, max_length, gen)
+            beams.update_open(length + 1, max_length, gen)
             # Settled images leave the batch: the rest stop paying for them. At the length limit all are.
             settled = beams.settled(gen) | ends.all(-1)
             if settled.any():  # one host sync per step, none per image or candidate
@@ -641,69 +780,13 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         return pool_sequences[:, :count].flatten(0, 1), pool_scores[:, :count].flatten()
 
 
-# ----------------------------------------------------------------------------- small helpers
-
-
-def load_clip_vision_tower(tower_class, name_or_path: str) -> nn.Module:
-    """Load CLIP vision weights, turning the offline failure into one line naming the way out."""
-    try:
-        return tower_class.from_pretrained(name_or_path)
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(
-            f"cannot load CLIP vision weights {name_or_path!r} ({reason}); offline, pass a local folder saved "
-            "with save_pretrained, or build a random tower from a CLIPVisionConfig"
-        ) from None
-
-
-def _trim_padding(input_ids, attention_mask, labels):
-    """Cut a right-padded batch to its longest caption and make padding no target."""
-    if attention_mask is None:
-        return input_ids, attention_mask, labels
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-        raise ValueError("attention_mask must be right-padded (1 ... 1 0 ... 0): the LSTM reads left to right")
-    longest = int(attention_mask.sum(dim=1).max())
-    input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
-    if labels is not None:
-        labels = labels[:, :longest].masked_fill(attention_mask == 0, -100)
-    return input_ids, attention_mask, labels
-
-
-def _crop_trailing_padding(sequences: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Drop the columns after the longest caption (PAD is never generated, so they are all PAD)."""
-    is_token = (sequences != pad_token_id).int()
-    last_token = sequences.shape[1] - 1 - is_token.flip(1).argmax(1)  # (N,) index of each row's last token
-    return sequences[:, : int(last_token.max()) + 1]
-
-
-def _validate_generation(gen: GenerationConfig) -> None:
-    """One-line ValueErrors naming the bad generation argument."""
-    checks = [
-        (isinstance(gen.max_new_tokens, int) and gen.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
-        (isinstance(gen.min_new_tokens, int) and gen.min_new_tokens >= 0, "min_new_tokens", "an integer >= 0"),
-        (isinstance(gen.num_beams, int) and gen.num_beams >= 1, "num_beams", "an integer >= 1"),
-        (gen.early_stopping in (True, False, "never"), "early_stopping", "True, False or 'never'"),
-        (isinstance(gen.no_repeat_ngram_size, int) and gen.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", ">= 0"),
-        (isinstance(gen.num_return_sequences, int) and gen.num_return_sequences >= 1, "num_return_sequences", ">= 1"),
-        (gen.temperature > 0, "temperature", "> 0"),
-        (isinstance(gen.top_k, int) and gen.top_k >= 0, "top_k", "an integer >= 0"),
-        (0 < gen.top_p <= 1, "top_p", "in (0, 1]"),
-    ]
-    for ok, name, rule in checks:
-        if not ok:
-            raise ValueError(f"generate(): {name} must be {rule}, got {getattr(gen, name)!r}")
-    if gen.num_beams > 1 and gen.num_return_sequences > gen.num_beams:
-        raise ValueError(
-            f"generate(): num_return_sequences ({gen.num_return_sequences}) must be <= num_beams ({gen.num_beams})"
-        )
-    if gen.num_beams == 1 and not gen.do_sample and gen.num_return_sequences > 1:
-        raise ValueError("generate(): greedy search returns one sequence; use num_beams or do_sample=True")
-
-
 # save_pretrained copies this file and configuration_clip_lstm.py and writes auto_map entries,
 # so AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True) works without this project.
 ClipLstmForImageCaptioning.register_for_auto_class("AutoModel")
 
-__all__ = ["ClipLstmForImageCaptioning", "ClipLstmPreTrainedModel", "ClipLstmOutput", "ClipLstmGenerateOutput"]
+__all__ = [
+    "ClipLstmForImageCaptioning",
+    "ClipLstmPreTrainedModel",
+    "ClipLstmOutput",
+    "ClipLstmGenerateOutput",
+]
