@@ -11,9 +11,11 @@ Both runs score our model and the most-frequent-training-caption row, as `evalua
 The model is a real-size random captioner: a ViT-B/32 tower (`ClipLstmConfig()` defaults), decoder
 embed/hidden 512 and an 8,000-word vocabulary. Random weights never write EOS, so every caption
 runs to `--max_new_tokens`: the worst case for search and metrics (the JSON gives the mean length).
+`--tiny_tower` swaps in a 2-layer, 32-wide random tower on 32-pixel images, for smoke tests.
 
     python benchmarks/bench_eval.py --output bench_eval.json      # 1,000 images (minutes on a CPU)
     python benchmarks/bench_eval.py --quick                       # 50 images, no METEOR: under a minute
+    python benchmarks/bench_eval.py --num_images 4 --tiny_tower   # seconds: checks the script runs
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-import data  # noqa: E402
 import evaluate_model  # noqa: E402
 from benchmarks.common import device_info, emit  # noqa: E402
+from clip_lstm_captioner import data  # noqa: E402
+from clip_lstm_captioner.cli import default_device, default_num_workers  # noqa: E402
+from clip_lstm_captioner.embedding_cache import cache_image_embeds  # noqa: E402
+from clip_lstm_captioner.reports import package_versions  # noqa: E402
 from configuration_clip_lstm import ClipLstmConfig  # noqa: E402
 from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
 from processing import ClipLstmProcessor, build_caption_tokenizer, image_processor_for  # noqa: E402
@@ -45,6 +50,11 @@ TARGET_GPUS = ("H100", "H200")
 TARGET_IMAGES = 1000
 ORIGINAL_PROJECT_S = 1200  # "BLEU evaluation up to 20 minutes" (DESIGN.md)
 TARGETS_S = {"cached": 10.0, "files": 30.0}
+# --tiny_tower: a random CLIP tower small enough for a test (the test suite's tiny tower).
+TINY_TOWER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+    projection_dim=16,
+)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="fast run: 50 images and no METEOR")
     parser.add_argument(
+        "--tiny_tower", action="store_true",
+        help="a tiny random CLIP tower (2 layers, 32 wide, 32-pixel images) instead of ViT-B/32: a smoke test",
+    )  # fmt: skip
+    parser.add_argument(
         "--work_dir", default=None, help="keep the JPEGs, cache and reports here (default: a temp folder)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the images, captions and weights")
@@ -72,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("num_images", "num_beams", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.num_workers = min(8, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
+    args.device = default_device(args.device)
+    args.num_workers = default_num_workers(args.num_workers)
     return args
 
 
@@ -130,11 +144,12 @@ def make_split(folder: Path, num_images: int, seed: int):
 
 
 def build_captioner(args, device: torch.device):
-    """Random real-size model (ViT-B/32 tower, LSTM 512, 8k words) and its processor."""
+    """Random real-size model (ViT-B/32 tower or `--tiny_tower`, LSTM 512, 8k words) and its processor."""
     vocabulary = [f"w{rank}" for rank in range(VOCAB_WORDS)]
     lines = [" ".join(vocabulary[start : start + 50]) for start in range(0, VOCAB_WORDS, 50)]
     tokenizer = build_caption_tokenizer(lines, min_frequency=1)
     config = ClipLstmConfig(
+        vision_config=TINY_TOWER if args.tiny_tower else None,  # None: the ViT-B/32 default
         embed_dim=512, hidden_size=512, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
@@ -171,6 +186,12 @@ def run_case(model, processor, split, train_captions, folder: Path, args, meteor
     }
 
 
+def vision_tower_name(args) -> str:
+    if args.tiny_tower:
+        return "tiny random CLIP tower (--tiny_tower: 2 layers, hidden 32, 32x32 images, patch 8)"
+    return "random CLIP ViT-B/32 (ClipLstmConfig() defaults)"
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     """The speed targets; `met` is judged only on an H100/H200 with 1,000 images and beam 5, else null."""
     device, settings = results["device"], results["settings"]
@@ -191,7 +212,7 @@ def evaluate_targets(results: dict) -> list[dict]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     device_facts = device_info(device)  # before the runs: the load average says how busy the machine was
     with tempfile.TemporaryDirectory(prefix="bench_eval-") as temporary:
         work = Path(args.work_dir or temporary)
@@ -200,7 +221,7 @@ def main(argv=None) -> dict:
         model, processor = build_captioner(args, device)
         log("filling the CLIP embedding cache from the files")
         cache_seconds, cached = timed(
-            lambda: data.cache_image_embeds(
+            lambda: cache_image_embeds(
                 split, model, processor.image_processor, cache_dir=work / f"cache-{time.time_ns()}",
                 num_workers=args.num_workers,
             )
@@ -217,7 +238,7 @@ def main(argv=None) -> dict:
         "settings": {
             "num_images": args.num_images, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size, "num_workers": args.num_workers, "references_per_image": REFERENCES_PER_IMAGE,
-            "vocab_size": model.config.vocab_size, "vision_tower": "random CLIP ViT-B/32 (ClipLstmConfig() defaults)",
+            "vocab_size": model.config.vocab_size, "vision_tower": vision_tower_name(args),
             "decoder": "LSTM, 1 layer, embed 512, hidden 512", "jpeg_mean_kb": round(float(jpeg_kb), 1),
             "note": "random weights never write EOS: every caption runs to max_new_tokens (worst case)",
         },
@@ -225,7 +246,7 @@ def main(argv=None) -> dict:
         "files": from_files,
         "cache_fill_seconds": cache_seconds,
         "first_cached_run_seconds_without_meteor": cache_seconds + from_cache["seconds_without_meteor"],
-        "versions": evaluate_model.package_versions(),
+        "versions": package_versions(),
     }  # fmt: skip
     results["targets"] = evaluate_targets(results)
     return emit(results, args.output)

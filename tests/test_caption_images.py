@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import coloured_image, save_peaked_captioner
+from tiny import caption_files, coloured_image, save_peaked_captioner
 
 import caption_images
 from modeling_clip_lstm import ClipLstmForImageCaptioning
@@ -40,13 +40,7 @@ def images(tmp_path_factory) -> Path:
 
 def direct_captions(model_dir: Path, paths: list[str]) -> dict[str, str]:
     """Each image captioned on its own with model.generate, for comparison with the batched script."""
-    model = ClipLstmForImageCaptioning.from_pretrained(model_dir).eval()
-    processor = caption_images.ClipLstmProcessor.from_pretrained(model_dir, trust_remote_code=False)
-    captions = {}
-    for path in paths:
-        ids = model.generate(**processor(images=[path]), num_beams=3, max_new_tokens=8)
-        captions[path] = processor.batch_decode(ids)[0]
-    return captions
+    return {path: caption_files(model_dir, [path], num_beams=3, max_new_tokens=8)[0] for path in paths}
 
 
 def run_main(*argv) -> int:
@@ -90,7 +84,10 @@ def test_csv_from_globs_with_workers(model_dir, images, tmp_path, capsys):
     [
         (["--model", "no/such/folder/here"], "--model 'no/such/folder/here': no such folder"),
         (["--model", "./missing-model"], "no such folder"),
-        (["--model", "outputs/not-trained-yet"], "cannot load --model 'outputs/not-trained-yet' from the Hugging Face Hub"),
+        (
+            ["--model", "outputs/not-trained-yet"],
+            "cannot load --model 'outputs/not-trained-yet' from the Hugging Face Hub",
+        ),
         (["--output", "{tmp}/captions.txt"], "use a .jsonl or .csv name"),
         (["{tmp}/nothing-here"], "no image files found"),
         (["--device", "toaster"], "--device toaster: not a torch device"),
@@ -104,7 +101,9 @@ def test_bad_arguments_give_one_line_and_exit_code_2(model_dir, images, tmp_path
     for flag, value in defaults.items():
         if flag not in options:
             options += [flag, value]
-    assert caption_images.main(inputs + options) == 2
+    with pytest.raises(SystemExit) as exited:
+        caption_images.main(inputs + options)
+    assert exited.value.code == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("caption_images.py: error:") and message in errors[0], (
         errors

@@ -22,8 +22,10 @@ import pytest
 from PIL import Image
 from tiny import save_tiny_blip
 
-import data
 import evaluate_model
+from clip_lstm_captioner import data
+from clip_lstm_captioner.cli import load_captioner
+from clip_lstm_captioner.reports import THUMBNAIL_PIXELS
 from modeling_clip_lstm import ClipLstmForImageCaptioning
 
 METRIC_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider")
@@ -163,7 +165,7 @@ def test_gallery_is_self_contained_with_captions_and_references(evaluation):
     prefix = "data:image/jpeg;base64,"
     assert all(src.startswith(prefix) for src in parser.images)  # nothing to fetch: a file you can mail
     with Image.open(io.BytesIO(base64.b64decode(parser.images[0][len(prefix) :]))) as thumbnail:
-        assert thumbnail.format == "JPEG" and max(thumbnail.size) <= evaluate_model.THUMBNAIL_PIXELS
+        assert thumbnail.format == "JPEG" and max(thumbnail.size) <= THUMBNAIL_PIXELS
     assert {"ours", "BLIP", "references"} <= set(parser.terms)
     first = read_jsonl(output_dir / "captions.jsonl")[0]
     assert first["ours"] in parser.terms and first["references"][0] in parser.terms
@@ -176,7 +178,7 @@ def test_evaluate_captioner_from_images_with_meteor(demo_run, tmp_path):
     pytest.importorskip("pycocoevalcap", reason="METEOR needs pycocoevalcap (pip install '.[coco]')")
     if shutil.which("java") is None:
         pytest.skip("METEOR needs java (Debian: openjdk-17-jre-headless)")
-    model, processor = evaluate_model.load_captioner(str(demo_run / "model"))
+    model, processor = load_captioner(str(demo_run / "model"))
     split = data.load_caption_dataset("shapes", cache_dir=demo_run.parent / "cache")["test"].select(range(12))
     report = evaluate_model.evaluate_captioner(
         model, processor, split, output_dir=tmp_path, dataset_name="shapes", num_beams=3, num_gallery=3
@@ -191,7 +193,7 @@ def test_evaluate_captioner_from_images_with_meteor(demo_run, tmp_path):
 
 
 def test_push_to_hub_publishes_the_report_as_model_index(demo_run, tmp_path, monkeypatch):
-    import publishing
+    from clip_lstm_captioner import publishing
 
     published = {}
 
@@ -279,9 +281,18 @@ def test_most_frequent_caption_normalises_case_spacing_and_final_period():
 
 
 def test_bench_eval_prints_its_figures_as_json(tmp_path):
-    """A 4-image run of benchmarks/bench_eval.py (real-size random ViT-B/32) in a subprocess, from another folder."""
+    """A 4-image run of benchmarks/bench_eval.py (its tiny tower) in a subprocess, from another folder."""
     script = Path(evaluate_model.__file__).resolve().parent / "benchmarks" / "bench_eval.py"
-    options = ["--num_images", "4", "--max_new_tokens", "3", "--no_meteor", "--num_workers", "0"]
+    options = [
+        "--num_images",
+        "4",
+        "--max_new_tokens",
+        "3",
+        "--no_meteor",
+        "--num_workers",
+        "0",
+        "--tiny_tower",
+    ]
     argv = [sys.executable, str(script), *options, "--device", "cpu"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

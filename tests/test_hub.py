@@ -1,19 +1,9 @@
 """Hub-native behaviour: save/load round trips, auto classes from a fresh process, the real-size default."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import torch
-from tiny import (
-    PROJECT_MODULES,
-    block_imports,
-    coloured_image,
-    model_for_tokenizer,
-    peaked_model,
-    tiny_processor,
-)
+from tiny import coloured_image, model_for_tokenizer, peaked_model, run_fresh, tiny_processor
 
 from configuration_clip_lstm import ClipLstmConfig
 from modeling_clip_lstm import ClipLstmForImageCaptioning
@@ -50,9 +40,8 @@ def test_round_trip_gives_identical_logits_and_captions(tmp_path):
     assert ours == theirs and all(ours)
 
 
-# The project must not be importable: everything has to come from the saved folder.
-FRESH_PROCESS = block_imports(*PROJECT_MODULES) + textwrap.dedent(
-    """
+# Run where the project cannot be imported: everything has to come from the saved folder.
+FRESH_PROCESS = """
     import json, socket, sys
     # Nor may loading touch the network: any connection attempt is recorded and refused.
     attempts = []
@@ -78,31 +67,41 @@ FRESH_PROCESS = block_imports(*PROJECT_MODULES) + textwrap.dedent(
         "captions": processor.batch_decode(ids),
         "network_attempts": attempts,
     }))
-    """
-)
+"""
 
 
 def test_auto_classes_load_in_a_fresh_process_without_the_project_or_network(tmp_path):
     model_dir = tmp_path / "model"
     model, processor = saved_pair(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_clip_lstm.ClipLstmConfig",
-                                  "AutoModel": "modeling_clip_lstm.ClipLstmForImageCaptioning"}
-    assert json.loads((model_dir / "processor_config.json").read_text())["auto_map"]["AutoProcessor"] == \
-        "processing.ClipLstmProcessor"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_clip_lstm.ClipLstmConfig",
+        "AutoModel": "modeling_clip_lstm.ClipLstmForImageCaptioning",
+    }
+    assert (
+        json.loads((model_dir / "processor_config.json").read_text())["auto_map"]["AutoProcessor"]
+        == "processing.ClipLstmProcessor"
+    )
     paths = []
     for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
         paths.append(tmp_path / f"image{i}.png")
         coloured_image(colour).save(paths[-1])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}  # no HF_HUB_OFFLINE
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(model_dir), *map(str, paths)], cwd=elsewhere,
-                            env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf"),
+    }  # no HF_HUB_OFFLINE
+    result = run_fresh(FRESH_PROCESS, model_dir, *paths, cwd=elsewhere, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["model"].startswith("transformers_modules.") and report["model"].endswith("ClipLstmForImageCaptioning")
-    assert report["config"].startswith("transformers_modules.") and report["processor"].startswith("transformers_modules.")
+    assert report["model"].startswith("transformers_modules.") and report["model"].endswith(
+        "ClipLstmForImageCaptioning"
+    )
+    assert report["config"].startswith("transformers_modules.") and report["processor"].startswith(
+        "transformers_modules."
+    )
     assert report["network_attempts"] == []
     inputs = processor(images=[p for p in paths])
     assert report["captions"] == processor.batch_decode(model.generate(pixel_values=inputs["pixel_values"]))
@@ -133,5 +132,7 @@ def test_generation_defaults_travel_with_the_model(tmp_path):
     assert saved["num_beams"] == 4 and saved["length_penalty"] == 0.6 and saved["pad_token_id"] == 0
     loaded = ClipLstmForImageCaptioning.from_pretrained(tmp_path)
     feats = torch.randn(3, 32)
-    assert torch.equal(loaded.generate(image_embeds=feats),
-                       model.generate(image_embeds=feats, num_beams=4, length_penalty=0.6, no_repeat_ngram_size=2))
+    assert torch.equal(
+        loaded.generate(image_embeds=feats),
+        model.generate(image_embeds=feats, num_beams=4, length_penalty=0.6, no_repeat_ngram_size=2),
+    )

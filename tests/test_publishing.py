@@ -9,8 +9,6 @@ import base64
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,10 +17,10 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard, constants
-from tiny import PROJECT_MODULES, block_imports, coloured_image, peaked_captioner
+from tiny import coloured_image, peaked_captioner, run_fresh
 
+from clip_lstm_captioner.publishing import model_index, publish, save_for_hub, write_model_card
 from modeling_clip_lstm import ClipLstmForImageCaptioning
-from publishing import model_index, publish, save_for_hub, write_model_card
 
 REPO_ID = "tester/tiny-captioner"
 GENERATE = dict(num_beams=3, max_new_tokens=8)
@@ -195,7 +193,7 @@ def generate_ids(model, processor, images) -> list[list[int]]:
 
 
 # Run in a fresh interpreter, cwd elsewhere, where the project's modules cannot be imported.
-LOAD_ELSEWHERE = block_imports(*PROJECT_MODULES) + r"""
+LOAD_ELSEWHERE = r"""
 import json, sys
 try:
     import processing  # noqa: F401
@@ -218,18 +216,10 @@ def card_snippet(readme: str) -> str:
 
 
 def run_elsewhere(folder: Path, snippet: str, images: list[Path], cwd: Path) -> tuple[dict, str]:
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(cwd / "modules")  # a fresh dynamic-module cache
-    command = [
-        sys.executable,
-        "-c",
-        LOAD_ELSEWHERE,
-        str(folder),
-        json.dumps(GENERATE),
-        snippet,
-        *map(str, images),
-    ]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    env = os.environ | {"HF_MODULES_CACHE": str(cwd / "modules")}  # a fresh dynamic-module cache
+    done = run_fresh(
+        LOAD_ELSEWHERE, folder, json.dumps(GENERATE), snippet, *images, cwd=cwd, env=env, timeout=180
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     result = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT ") :])

@@ -12,20 +12,23 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
-from tiny import block_imports, coloured_image, save_peaked_captioner, save_tiny_blip
+from tiny import (
+    PROJECT_MODULES,
+    caption_files,
+    coloured_image,
+    run_fresh,
+    save_peaked_captioner,
+    save_tiny_blip,
+)
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install '.[space]')")
 from gradio_client import Client, handle_file  # noqa: E402
-
-from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
-from processing import ClipLstmProcessor  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "space-screenshot.png"
@@ -78,10 +81,7 @@ def client(app) -> Client:
 
 def expected_caption(folder: Path, image_path: Path, num_beams=BEAMS, max_new_tokens=MAX_NEW_TOKENS) -> str:
     """Our caption computed directly with the project's classes, for comparison with the app."""
-    model = ClipLstmForImageCaptioning.from_pretrained(folder).eval()
-    processor = ClipLstmProcessor.from_pretrained(folder, trust_remote_code=False)  # our classes, no prompt
-    ids = model.generate(**processor(images=[image_path]), num_beams=num_beams, max_new_tokens=max_new_tokens)
-    return processor.batch_decode(ids)[0]
+    return caption_files(folder, [image_path], num_beams=num_beams, max_new_tokens=max_new_tokens)[0]
 
 
 def ask(client: Client, image, num_beams=BEAMS, show_beams=False) -> dict:
@@ -170,8 +170,9 @@ SPACE_FILES = {
     "space_app.py": "space_app.py",
     "processing.py": "processing.py",
 }
-# Run in the Space folder, where the rest of the project (training script, model code) is blocked.
-SPACE_IMPORT = block_imports("configuration_clip_lstm", "modeling_clip_lstm", "data", "train_accelerate") + r"""
+# Run in the Space folder, where the rest of the project (training script, model code, package) is hidden.
+SPACE_HIDDEN = tuple(name for name in PROJECT_MODULES if f"{name}.py" not in SPACE_FILES)
+SPACE_IMPORT = r"""
 import json, sys
 import space_app
 answer = space_app.caption({"path": sys.argv[1], "orig_name": "red.png"}, 3, 8, False)
@@ -187,20 +188,12 @@ def test_space_metadata_and_the_uploaded_files_alone_run_the_app(folders, tmp_pa
     space.mkdir()
     for name, source in SPACE_FILES.items():
         shutil.copy(REPO_ROOT / source, space / name)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(
-        MODEL_ID=str(folders["ours"]),
-        BLIP_MODEL_ID=str(folders["blip"]),
-        HF_MODULES_CACHE=str(tmp_path / "modules"),
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", SPACE_IMPORT, str(folders["red"])],
-        cwd=space,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    env = os.environ | {
+        "MODEL_ID": str(folders["ours"]),
+        "BLIP_MODEL_ID": str(folders["blip"]),
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+    }
+    done = run_fresh(SPACE_IMPORT, folders["red"], cwd=space, env=env, hidden=SPACE_HIDDEN, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     ours_error, blip_error, ours, blip = json.loads(result[len("RESULT ") :])

@@ -6,7 +6,11 @@ the tests write, images drawn with PIL.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -119,8 +123,11 @@ def peaked_captioner(seed: int = 0, eos_bias: float = -1.0):
     """A peaked (image-dependent) tiny model and its processor; captions are rarely empty."""
     processor = tiny_processor()
     tokenizer = processor.tokenizer
-    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id)
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return peaked_model(seed, eos_bias=eos_bias, vocab_size=len(tokenizer), **ids), processor
 
 
@@ -129,6 +136,17 @@ def save_peaked_captioner(folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def caption_files(model_dir: Path, paths: Iterable, **generate_kwargs) -> list[str]:
+    """Captions of the image files `paths`, in one batch, from the model saved in `model_dir`, loaded
+    with the project's own classes: what a script or the app should print for them."""
+    model = ClipLstmForImageCaptioning.from_pretrained(model_dir).eval()
+    processor = ClipLstmProcessor.from_pretrained(
+        model_dir, trust_remote_code=False
+    )  # our classes, no prompt
+    ids = model.generate(**processor(images=list(paths)), **generate_kwargs)
+    return processor.batch_decode(ids)
 
 
 def coloured_image(colour=(200, 30, 30), size=(40, 30)) -> Image.Image:
@@ -164,7 +182,13 @@ def save_tiny_blip(folder: Path) -> Path:
     return folder
 
 
-PROJECT_MODULES = ("configuration_clip_lstm", "modeling_clip_lstm", "processing", "data", "train_accelerate")
+PROJECT_MODULES = (
+    "configuration_clip_lstm",
+    "modeling_clip_lstm",
+    "processing",
+    "clip_lstm_captioner",
+    "train_accelerate",
+)
 
 
 def block_imports(*modules: str) -> str:
@@ -180,3 +204,22 @@ def block_imports(*modules: str) -> str:
         sys.meta_path.insert(0, _Blocked())
         """
     )
+
+
+def run_fresh(
+    source: str,
+    *args,
+    cwd: Path,
+    env: dict | None = None,
+    hidden: Iterable[str] = PROJECT_MODULES,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run Python `source` (dedented) with `args` in a fresh interpreter in `cwd`, where the modules
+    `hidden` cannot be imported; stdout and stderr are captured as text.
+
+    `env` is the whole environment (default: this one); PYTHONPATH is always left out.
+    """
+    environment = dict(os.environ if env is None else env)
+    environment.pop("PYTHONPATH", None)
+    command = [sys.executable, "-c", block_imports(*hidden) + textwrap.dedent(source), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
