@@ -15,27 +15,27 @@ import argparse
 import csv
 import glob
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import evaluate_model
-from data import ImageFiles, collate_pixels
-from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor
+from clip_lstm_captioner.cli import (
+    default_device,
+    default_num_workers,
+    load_captioner,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
+from clip_lstm_captioner.errors import UsageError
+from clip_lstm_captioner.files import atomic_write
+from clip_lstm_captioner.images import pixel_batches
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 FIELDS = ("image", "caption", "score")
-
-
-class UsageError(Exception):
-    """A bad argument or input: reported in one line on stderr, exit code 2."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -52,8 +52,8 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[str]]:
     and the patterns that matched no image.
 
     Example:
-        >>> find_images(["photos/", "extra/*.png", "typo/"])
-        ([PosixPath('photos/a.jpg'), PosixPath('photos/trip/b.png'), PosixPath('extra/c.png')], ['typo/'])
+        find_images(["photos/", "extra/*.png", "typo/"])
+        # -> ([PosixPath('photos/a.jpg'), PosixPath('photos/trip/b.png'), PosixPath('extra/c.png')], ['typo/'])
     """
     found: dict[Path, None] = {}  # an ordered set
     unmatched = []
@@ -73,30 +73,12 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[str]]:
 # ----------------------------------------------------------------------------- model and output
 
 
-def load_captioner(name: str, device: torch.device) -> tuple[ClipLstmForImageCaptioning, ClipLstmProcessor]:
-    """Model and processor from a folder or Hub id (evaluate_model's loader), errors as `UsageError`.
+class CaptionRows:
+    """Rows as JSONL or CSV into an open (atomically written) text file."""
 
-    Example:
-        >>> model, processor = load_captioner("outputs/demo/model", torch.device("cpu"))
-    """
-    try:
-        model, processor = evaluate_model.load_captioner(name)
-    except evaluate_model.EvaluationError as error:
-        raise UsageError(str(error)) from None
-    return model.to(device), processor
-
-
-class AtomicRows:
-    """Write rows as JSONL or CSV to a temporary file beside `output`, renamed onto it on success."""
-
-    def __init__(self, output: Path, file_format: str):
-        output.parent.mkdir(parents=True, exist_ok=True)
-        handle, self.temporary = tempfile.mkstemp(
-            prefix=f".{output.name}.", suffix=".partial", dir=output.parent
-        )
-        self.file = os.fdopen(handle, "w", newline="", encoding="utf-8")
-        self.output, self.file_format = output, file_format
-        self.csv = csv.DictWriter(self.file, fieldnames=FIELDS) if file_format == "csv" else None
+    def __init__(self, file, file_format: str):
+        self.file = file
+        self.csv = csv.DictWriter(file, fieldnames=FIELDS) if file_format == "csv" else None
         if self.csv:
             self.csv.writeheader()
 
@@ -106,32 +88,8 @@ class AtomicRows:
         else:
             self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    def __enter__(self) -> AtomicRows:
-        return self
-
-    def __exit__(self, error_type, *_) -> None:
-        self.file.close()
-        if error_type is None:
-            os.replace(self.temporary, self.output)  # readers never see a half-written file
-        else:
-            os.unlink(self.temporary)
-
 
 # ----------------------------------------------------------------------------- arguments and main
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,14 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="output format (default: from --output's extension)",
     )
     parser.add_argument(
-        "--batch_size", type=_positive_int, default=32, help="images captioned together (default: 32)"
+        "--batch_size", type=positive_int, default=32, help="images captioned together (default: 32)"
     )
     parser.add_argument(
-        "--num_beams", type=_positive_int, help="beam width (default: the model's generation_config)"
+        "--num_beams", type=positive_int, help="beam width (default: the model's generation_config)"
     )
     parser.add_argument(
         "--max_new_tokens",
-        type=_positive_int,
+        type=positive_int,
         help="longest caption in tokens (default: the model's generation_config)",
     )
     parser.add_argument(
@@ -169,33 +127,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--num_workers",
-        type=_non_negative_int,
-        default=min(4, max(0, (os.cpu_count() or 1) - 1)),
-        help="image-decoding worker processes; 0 decodes in the main process (default: min(4, CPUs - 1))",
+        type=non_negative_int,
+        default=default_num_workers(),
+        help="image-decoding worker processes; 0 decodes in the main process (default: one per CPU core, up to 8)",
     )
     return parser.parse_args(argv)
 
 
-def _check_arguments(args: argparse.Namespace) -> tuple[str, torch.device]:
+def _check_arguments(args: argparse.Namespace):
     file_format = args.format or FORMATS.get(args.output.suffix.lower())
     if file_format is None:
         raise UsageError(f"--output {args.output}: use a .jsonl or .csv name, or pass --format")
     if args.output.is_dir():
         raise UsageError(f"--output {args.output} is a folder; name a file")
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device}: not a torch device (try cpu or cuda)") from None
-    return file_format, device
+    return file_format, default_device(args.device)
 
 
 def caption_batch(model, processor, pixel_values: torch.Tensor, settings: dict) -> list[tuple[str, float]]:
     """(B, 3, H, W) pixels -> B (caption, score) pairs.
 
     Example:
-        >>> caption_batch(model, processor, processor(images=["dog.jpg"])["pixel_values"], {"num_beams": 3})
-        [('a dog runs on the grass', -0.61)]
+        caption_batch(model, processor, processor(images=["dog.jpg"])["pixel_values"], {"num_beams": 3})
+        # -> [('a dog runs on the grass', -0.61)]
     """
     output = model.generate(
         pixel_values=pixel_values, return_dict_in_generate=True, output_scores=True, **settings
@@ -204,58 +157,64 @@ def caption_batch(model, processor, pixel_values: torch.Tensor, settings: dict) 
 
 
 def caption_all(
-    args: argparse.Namespace, paths: list[Path], model, processor, rows: AtomicRows
+    args: argparse.Namespace, paths: list[Path], model, processor, rows: CaptionRows
 ) -> tuple[int, int]:
     """Caption `paths` in batches into `rows`, reporting unreadable files; returns (captioned, skipped)."""
     settings = {
         key: getattr(args, key) for key in ("num_beams", "max_new_tokens") if getattr(args, key) is not None
     }
     sources = [{"path": str(path)} for path in paths]
-    loader = DataLoader(ImageFiles(sources, processor.image_processor), batch_size=args.batch_size,
-                        num_workers=args.num_workers, collate_fn=collate_pixels)
-    captioned = skipped = start = 0
+    skipped = []
+    captioned = 0
+
+    def report_skip(message: str) -> None:
+        skipped.append(message)
+        tqdm.write(f"skipped {message}", file=sys.stderr)  # above the bar, not through it
+
+    batches = pixel_batches(
+        sources,
+        processor.image_processor,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        on_bad_image="skip",
+        on_skip=report_skip,
+    )
     with tqdm(total=len(paths), unit="img", desc="captioning") as progress:
-        for pixel_values, readable, problems in loader:
-            for _, message in problems:
-                tqdm.write(f"skipped {message}", file=sys.stderr)  # above the bar, not through it
-            skipped += len(problems)
-            if readable:
-                results = caption_batch(model, processor, pixel_values, settings)
-                for index, (caption, score) in zip(readable, results, strict=True):
-                    rows.write({"image": sources[start + index]["path"], "caption": caption, "score": score})
-                captioned += len(readable)
-            start += len(readable) + len(problems)
-            progress.update(len(readable) + len(problems))
-    return captioned, skipped
+        for pixel_values, rows_done in batches:
+            results = caption_batch(model, processor, pixel_values.to(model.device), settings)
+            for row, (caption, score) in zip(rows_done, results, strict=True):
+                rows.write({"image": sources[row]["path"], "caption": caption, "score": score})
+            captioned += len(rows_done)
+            progress.n = captioned + len(skipped)
+            progress.refresh()
+    return captioned, len(skipped)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 done, 1 nothing readable, 2 bad arguments).
-
-    Example:
-        >>> main(["photos/", "--model", "outputs/demo", "--output", "captions.csv"])
-        0
-    """
-    args = parse_args(argv)
-    try:
-        file_format, device = _check_arguments(args)
-        paths, unmatched = find_images(args.inputs)
-        if not paths:
-            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise UsageError(f"no image files found in {' '.join(args.inputs)} (looked for {extensions})")
-        for pattern in unmatched:
-            print(f"caption_images.py: warning: no image files in {pattern}", file=sys.stderr)
-        model, processor = load_captioner(args.model, device)
-    except UsageError as error:
-        print(f"caption_images.py: error: {error}", file=sys.stderr)
-        return 2
-    with AtomicRows(args.output, file_format) as rows:
-        captioned, skipped = caption_all(args, paths, model, processor, rows)
+def run(args: argparse.Namespace) -> int:
+    """The work after parsing: find the images, load the model, caption into the output file."""
+    file_format, device = _check_arguments(args)
+    paths, unmatched = find_images(args.inputs)
+    if not paths:
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise UsageError(f"no image files found in {' '.join(args.inputs)} (looked for {extensions})")
+    for pattern in unmatched:
+        print(f"caption_images.py: warning: no image files in {pattern}", file=sys.stderr)
+    model, processor = load_captioner(args.model, device)
+    with atomic_write(args.output, newline="", encoding="utf-8") as file:
+        captioned, skipped = caption_all(args, paths, model, processor, CaptionRows(file, file_format))
     print(
         f"captioned {captioned} image(s) into {args.output}; skipped {skipped} unreadable file(s)",
         file=sys.stderr,
     )
     return 0 if captioned else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 done, 1 nothing readable); bad arguments exit 2.
+
+    main(["photos/", "--model", "outputs/demo/model", "--output", "captions.csv"])
+    """
+    return run_cli(run, "caption_images.py", parse_args(argv))
 
 
 if __name__ == "__main__":

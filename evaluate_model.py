@@ -20,18 +20,7 @@ at the end of training with the objects it already holds.
 from __future__ import annotations
 
 import argparse
-import base64
-import contextlib
-import html
-import importlib.metadata
-import io
-import json
 import logging
-import math
-import os
-import platform
-import sys
-import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,100 +28,49 @@ from pathlib import Path
 import datasets
 import evaluate
 import torch
-from huggingface_hub import HfApi, constants
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-import data
+from clip_lstm_captioner import data
+from clip_lstm_captioner.cli import (
+    default_device,
+    default_num_workers,
+    load_captioner,
+    load_pretrained,
+    run_cli,
+)
+from clip_lstm_captioner.embedding_cache import cache_image_embeds, image_embeds_of
+from clip_lstm_captioner.errors import UsageError
+from clip_lstm_captioner.images import pixel_batches
+from clip_lstm_captioner.reports import (
+    BASELINE,
+    BLIP,
+    METRIC_LABELS,
+    OURS,
+    package_versions,
+    render_markdown,
+    write_report,
+)
+from clip_lstm_captioner.shapes import read_scenes, score_shapes_captions, shapes_root
+from clip_lstm_captioner.splits import SPLIT_ALIASES
 from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor, ImageLoadError, first_line, is_hub_id, load_image
+from processing import ClipLstmProcessor, first_line, is_hub_id
 
 logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics" / "caption_metrics"
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-base"
-# report.json metric keys, in the order of published caption tables, with their column names
-METRIC_LABELS = {
-    "bleu_1": "BLEU-1",
-    "bleu_2": "BLEU-2",
-    "bleu_3": "BLEU-3",
-    "bleu_4": "BLEU-4",
-    "meteor": "METEOR",
-    "rouge_l": "ROUGE-L",
-    "cider": "CIDEr",
-}
-OURS, BLIP, BASELINE = "ours", "blip", "most_frequent_caption"
-VERSIONED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "pycocoevalcap")
-THUMBNAIL_PIXELS = 256  # longest side of a gallery thumbnail
-_MODEL_HINT = (
-    "pass a folder saved by train_accelerate.py (its run folder's model/; the offline demo makes "
-    "outputs/demo/model with `python train_accelerate.py --demo`)"
-)
 _BLIP_HINT = "pass --blip_model a local folder holding a saved BlipForConditionalGeneration and BlipProcessor"
 
 
-class EvaluationError(ValueError):
-    """A problem with what the user asked for (model, split, references); its message is one line."""
-
-
 # ----------------------------------------------------------------------------- loading
-
-
-def load_pretrained(loader, source: str, what: str, hint: str):
-    """`loader(source)` for a local folder or a Hub id; every failure becomes one `EvaluationError` line.
-
-    Example:
-        >>> load_pretrained(BlipForConditionalGeneration.from_pretrained, "no/such/dir", "BLIP", _BLIP_HINT)
-        Traceback (most recent call last):
-        EvaluationError: BLIP 'no/such/dir': no such folder; pass --blip_model a local folder ...
-    """
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            nested = " (its model/ subfolder has one)" if (folder / "model" / "config.json").is_file() else ""
-            raise EvaluationError(f"{what} {source!r}: the folder has no config.json{nested}; {hint}")
-        source = str(folder)
-    elif not is_hub_id(source):
-        raise EvaluationError(f"{what} {source!r}: no such folder; {hint}")
-    elif not constants.HF_HUB_OFFLINE:
-        # transformers retries an unreachable Hub for a while; one short request tells us at once
-        try:
-            HfApi().model_info(source, timeout=5)
-        except Exception as error:  # network, HTTP and not-found errors all mean "cannot load it"
-            raise EvaluationError(
-                f"{what} {source!r}: no such folder, and the Hugging Face Hub cannot serve it "
-                f"({first_line(error)}); {hint}"
-            ) from None
-    try:
-        return loader(source)
-    except Exception as error:  # offline, missing or broken files: one line, not a traceback
-        where = "its folder" if folder.is_dir() else "the Hugging Face Hub (offline, or no such repo)"
-        raise EvaluationError(
-            f"cannot load {what} {source!r} from {where}: {first_line(error)}; {hint}"
-        ) from None
-
-
-def load_captioner(source: str) -> tuple[ClipLstmForImageCaptioning, ClipLstmProcessor]:
-    """Our model and processor from a folder saved by train_accelerate.py or a Hub repo made by publishing.py.
-
-    Example:
-        >>> model, processor = load_captioner("outputs/demo/model")
-    """
-
-    def loader(path):
-        model = ClipLstmForImageCaptioning.from_pretrained(path)
-        # this project's own class: no "run the repo's custom code?" prompt for Hub repos
-        return model.eval(), ClipLstmProcessor.from_pretrained(path, trust_remote_code=False)
-
-    return load_pretrained(loader, source, "--model", _MODEL_HINT)
 
 
 def load_blip(source: str = DEFAULT_BLIP_MODEL) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
     """BLIP for unconditional captioning and its processor, from a Hub id or a local folder.
 
     Example:
-        >>> blip_model, blip_processor = load_blip("Salesforce/blip-image-captioning-base")  # needs the Hub
+        blip_model, blip_processor = load_blip("Salesforce/blip-image-captioning-base")  # needs the Hub
     """
 
     def loader(path):
@@ -145,26 +83,26 @@ def select_split(splits: datasets.DatasetDict, name: str) -> tuple[datasets.Data
     """The split called `name` (aliases such as 'val' allowed) and its canonical name.
 
     Example:
-        >>> select_split(data.load_caption_dataset("shapes"), "val")[1]
-        'validation'
+        select_split(data.load_caption_dataset("shapes"), "val")[1]
+        # -> 'validation'
     """
-    canonical = data.SPLIT_ALIASES.get(name, name)
+    canonical = SPLIT_ALIASES.get(name, name)
     if canonical not in splits:
-        raise EvaluationError(f"--split {name!r}: unknown split; this dataset has {', '.join(splits)}")
+        raise UsageError(f"--split {name!r}: unknown split; this dataset has {', '.join(splits)}")
     return splits[canonical], canonical
 
 
 def check_references(split: datasets.Dataset, split_name: str) -> None:
-    """Raise `EvaluationError` unless every image of `split` has at least one reference caption."""
+    """Raise `UsageError` unless every image of `split` has at least one reference caption."""
     if split.num_rows == 0:
-        raise EvaluationError(f"split {split_name!r} has no images to evaluate")
+        raise UsageError(f"split {split_name!r} has no images to evaluate")
     missing = [
         image_id
         for image_id, references in zip(split["image_id"], split["captions"], strict=True)
         if not any(reference.strip() for reference in references)
     ]
     if missing:
-        raise EvaluationError(
+        raise UsageError(
             f"split {split_name!r}: {len(missing)} of {split.num_rows} images have no reference captions "
             f"(first: {missing[0]}); the metrics compare captions with references, so evaluate a split that has them"
         )
@@ -177,8 +115,8 @@ def decoding_settings(model, num_beams: int | None = None, max_new_tokens: int |
     """Beam width and length limit: the arguments, else the model's saved generation config.
 
     Example:
-        >>> decoding_settings(model, num_beams=3)
-        {'num_beams': 3, 'max_new_tokens': 30}
+        decoding_settings(model, num_beams=3)
+        # -> {'num_beams': 3, 'max_new_tokens': 30}
     """
     saved = model.generation_config
     settings = {
@@ -193,7 +131,7 @@ def decoding_settings(model, num_beams: int | None = None, max_new_tokens: int |
 
 def _embeds_batches(split: datasets.Dataset, batch_size: int):
     """Yield ({"image_embeds": (B, D)}, row indices) from the split's cached CLIP features."""
-    image_embeds = data.image_embeds_of(split)  # (N, D)
+    image_embeds = image_embeds_of(split)  # (N, D)
     for start in range(0, len(image_embeds), batch_size):
         batch = image_embeds[start : start + batch_size]
         yield {"image_embeds": batch}, list(range(start, start + len(batch)))
@@ -205,24 +143,11 @@ def _pixel_batches(split, image_processor, batch_size: int, num_workers: int, on
     An unreadable image stops with its name (on_bad_image="error") or is left out ("skip").
     """
     sources = split.cast_column("image", datasets.Image(decode=False))["image"]
-    # the embedding cache's own reader and collate function: one way to turn image files into pixels
-    loader = torch.utils.data.DataLoader(
-        data.ImageFiles(sources, image_processor),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=data.collate_pixels,
+    batches = pixel_batches(
+        sources, image_processor, batch_size=batch_size, num_workers=num_workers, on_bad_image=on_bad_image
     )
-    start = 0
-    for pixel_values, good, problems in loader:
-        if problems and on_bad_image == "error":
-            raise ImageLoadError(
-                f"{problems[0][1]} (pass --on_bad_image skip to leave unreadable images out)"
-            )
-        for _, message in problems:
-            logger.warning("skipped %s", message)
-        if pixel_values is not None:
-            yield {"pixel_values": pixel_values}, [start + i for i in good]
-        start += len(good) + len(problems)
+    for pixel_values, rows in batches:
+        yield {"pixel_values": pixel_values}, rows
 
 
 @torch.no_grad()
@@ -246,8 +171,8 @@ def caption_split(
     transformers-style `generate()` takes (our model, BLIP).
 
     Example:
-        >>> caption_split(model, processor, test, num_beams=5, max_new_tokens=30)[:2]
-        ['a blue square at the top', 'a red circle on the left']
+        caption_split(model, processor, test, num_beams=5, max_new_tokens=30)[:2]
+        # -> ['a blue square at the top', 'a red circle on the left']
     """
     model.eval()
     if use_image_embeds and "image_embeds" in split.column_names:
@@ -300,8 +225,8 @@ def score_captions(
     time is what that call took beyond the Python metrics, which it recomputes.
 
     Example:
-        >>> score_captions(evaluate.load(str(METRICS_DIR)), ["a dog"], [["a dog runs"]], tokenize="python", meteor=False)
-        {'bleu_1': 0.36..., ..., 'meteor': None, 'meteor_unavailable': 'skipped (meteor=False)', ...}
+        score_captions(evaluate.load(str(METRICS_DIR)), ["a dog"], [["a dog runs"]], tokenize="python", meteor=False)
+        # -> {'bleu_1': 0.36..., ..., 'meteor': None, 'meteor_unavailable': 'skipped (meteor=False)', ...}
     """
     start = time.perf_counter()
     scores = metric.compute(predictions=predictions, references=references, tokenize=tokenize, meteor=False)
@@ -333,175 +258,6 @@ def _model_row(name: str, captions: list[str], scores: dict, seconds: float | No
     return row
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of the packages behind the numbers (absent packages left out).
-
-    Example:
-        >>> sorted(package_versions())[:3]
-        ['accelerate', 'datasets', 'evaluate']
-    """
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = importlib.metadata.version(name)
-    return versions
-
-
-# ----------------------------------------------------------------------------- writing the results
-
-
-def _percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def display_name(key: str) -> str:
-    """How a `report["models"]` key is shown in report.md and the gallery."""
-    return {OURS: "ours", BLIP: "BLIP", BASELINE: "most frequent training caption"}.get(key, key)
-
-
-def _row_label(key: str, row: dict) -> str:
-    return f"{display_name(key)}: {row['model']}".replace("|", "\\|")
-
-
-def render_markdown(report: dict) -> str:
-    """report.md: facts, then the side-by-side table with metrics x100 as caption papers print them."""
-    generation = report["generation"]
-    lines = [
-        f"# Caption metrics: {report['dataset']}, {report['split']} split ({report['num_images']} images)",
-        "",
-        f"Decoding: beam {generation['num_beams']}, at most {generation['max_new_tokens']} new tokens; "
-        f"images captioned from {report['captioned_from']}. Metrics: coco-caption BLEU-1..4, METEOR, "
-        f"ROUGE-L and CIDEr-D, x100, each image scored once against all its references "
-        f"(tokenize={report['metric']['tokenize']}).",
-        "",
-        "| model | " + " | ".join(METRIC_LABELS.values()) + " | images/s | seconds |",
-        "|---|" + "---:|" * (len(METRIC_LABELS) + 2),
-    ]
-    for key, row in report["models"].items():
-        speed = "–" if row.get("images_per_s") is None else f"{row['images_per_s']:.1f}"
-        seconds = "–" if row.get("seconds") is None else f"{row['seconds']:.2f}"
-        metrics = " | ".join(_percent(row.get(name)) for name in METRIC_LABELS)
-        lines.append(f"| {_row_label(key, row)} | {metrics} | {speed} | {seconds} |")
-    reasons = {
-        row["meteor_unavailable"] for row in report["models"].values() if row.get("meteor_unavailable")
-    }
-    if reasons:
-        lines += ["", f"METEOR not computed: {'; '.join(sorted(reasons))}."]
-    if report.get("shapes"):
-        lines += ["", "| shapes set | colour of the largest object | its shape |", "|---|---:|---:|"]
-        lines += [
-            f"| {display_name(key)} | {_percent(s['colour_accuracy'])} | {_percent(s['shape_accuracy'])} |"
-            for key, s in report["shapes"].items()
-        ]
-    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
-    return "\n".join(lines + ["", f"Versions: {versions}.", ""])
-
-
-def write_captions_jsonl(
-    path: Path, image_ids: list[str], references: list[list[str]], captions: dict
-) -> None:
-    """One line per image: image id, all references, each model's caption."""
-    with open(path, "w", encoding="utf-8") as file:
-        for row, (image_id, refs) in enumerate(zip(image_ids, references, strict=True)):
-            line = {
-                "image_id": image_id,
-                "references": refs,
-                **{key: caps[row] for key, caps in captions.items()},
-            }
-            file.write(json.dumps(line, ensure_ascii=False) + "\n")
-
-
-def gallery_rows(num_images: int, num_gallery: int) -> list[int]:
-    """`num_gallery` row indices spread evenly over the split (not just its first images).
-
-    Example:
-        >>> gallery_rows(250, 4)
-        [0, 62, 125, 187]
-    """
-    count = min(num_gallery, num_images)
-    return sorted({i * num_images // count for i in range(count)}) if count > 0 else []
-
-
-def _thumbnail_base64(image) -> str:
-    thumbnail = load_image(image).copy()
-    thumbnail.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
-    buffer = io.BytesIO()
-    thumbnail.save(buffer, format="JPEG", quality=85)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def write_gallery_html(path: Path, title: str, items: list[dict]) -> None:
-    """A self-contained page: each image as a base64 JPEG with each model's caption and the references."""
-    figures = []
-    for item in items:
-        captions = "".join(
-            f"<dt>{html.escape(name)}</dt><dd>{html.escape(caption)}</dd>"
-            for name, caption in item["captions"].items()
-        )
-        references = "".join(f"<li>{html.escape(ref)}</li>" for ref in item["references"])
-        figures.append(
-            f'<figure><img src="data:image/jpeg;base64,{_thumbnail_base64(item["image"])}" '
-            f'alt="{html.escape(item["image_id"])}"><figcaption><b>{html.escape(item["image_id"])}</b>'
-            f"<dl>{captions}<dt>references</dt><dd><ul>{references}</ul></dd></dl></figcaption></figure>"
-        )
-    style = (
-        "body{font-family:sans-serif;margin:1.5em}"
-        ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:1em}"
-        "figure{margin:0;padding:.5em;border:1px solid #ddd;border-radius:6px}img{max-width:100%}"
-        "dt{font-weight:bold;margin-top:.4em}dd{margin-left:.8em}ul{padding-left:1.1em;margin:0}"
-    )
-    path.write_text(
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{style}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
-        f'<div class="grid">\n' + "\n".join(figures) + "\n</div></body></html>\n",
-        encoding="utf-8",
-    )
-
-
-def _gallery_text(item: dict) -> str:
-    """Each model's caption and the first reference, wrapped to the cell width, at most 3 lines each."""
-    lines = [f"{name}: {caption}" for name, caption in item["captions"].items()]
-    lines.append(f"reference: {item['references'][0]}")
-    return "\n".join(textwrap.fill(textwrap.shorten(line, 130), 46) for line in lines)
-
-
-def write_gallery_png(path: Path, title: str, items: list[dict]) -> None:
-    """A matplotlib grid (up to 4 columns) of the gallery images, each with its captions below it."""
-    columns = min(4, max(len(items), 1))
-    rows = max(math.ceil(len(items) / columns), 1)
-    figure = Figure(figsize=(4.0 * columns, 5.2 * rows + 0.4))  # no pyplot: no global state, no GUI backend
-    # two grid rows per gallery row: the image, then a text panel that the captions cannot overflow
-    axes = figure.subplots(2 * rows, columns, squeeze=False, gridspec_kw={"height_ratios": [3.6, 1.6] * rows})
-    for axis in axes.flat:
-        axis.axis("off")
-    for index, item in enumerate(items):
-        row, column = divmod(index, columns)
-        axes[2 * row, column].imshow(load_image(item["image"]))
-        axes[2 * row + 1, column].text(0.0, 1.0, _gallery_text(item), va="top", ha="left", fontsize=8)
-    figure.suptitle(title)
-    figure.subplots_adjust(
-        left=0.02, right=0.98, top=1 - 0.4 / figure.get_figheight(), bottom=0.01, hspace=0.05, wspace=0.08
-    )
-    figure.savefig(path, dpi=90)
-
-
-def write_gallery(
-    folder: Path, title: str, split: datasets.Dataset, captions: dict, num_gallery: int
-) -> None:
-    """gallery.html and gallery.png for `num_gallery` images spread over the split."""
-    items = [
-        {
-            "image": split[row]["image"],
-            "image_id": split[row]["image_id"],
-            "references": split[row]["captions"],
-            "captions": {display_name(key): caps[row] for key, caps in captions.items()},
-        }
-        for row in gallery_rows(split.num_rows, num_gallery)
-    ]
-    write_gallery_html(folder / "gallery.html", title, items)
-    write_gallery_png(folder / "gallery.png", title, items)
-
-
 # ----------------------------------------------------------------------------- the evaluation
 
 
@@ -529,18 +285,18 @@ def evaluate_captioner(
     """Caption every image of `split` once, score against all references, write the report files.
 
     `split` has rows `image`, `image_id`, `captions`, and ideally `image_embeds` (from
-    `data.cache_image_embeds`), which are then used instead of running CLIP. `blip` is a
+    `cache_image_embeds`), which are then used instead of running CLIP. `blip` is a
     (BlipForConditionalGeneration, BlipProcessor) pair captioning the same images with the same
     settings; `train_captions` (the train split's `captions` column) adds the most-frequent-
-    training-caption baseline; `shapes_scenes` (`data.read_scenes`) adds colour and shape accuracy.
+    training-caption baseline; `shapes_scenes` (`read_scenes`) adds colour and shape accuracy.
     `num_beams` / `max_new_tokens` default to the model's generation config. Writes report.json,
     report.md, captions.jsonl, gallery.html and gallery.png to `output_dir`; returns the report.
 
     Example:
-        >>> report = evaluate_captioner(model, processor, splits["test"], output_dir="outputs/demo/eval",
-        ...                             dataset_name="shapes", train_captions=splits["train"]["captions"])
-        >>> report["models"]["ours"]["bleu_4"] > report["models"]["most_frequent_caption"]["bleu_4"]
-        True
+        report = evaluate_captioner(model, processor, splits["test"], output_dir="outputs/demo/eval",
+                                    dataset_name="shapes", train_captions=splits["train"]["captions"])
+        report["models"]["ours"]["bleu_4"] > report["models"]["most_frequent_caption"]["bleu_4"]
+        # -> True
     """
     settings = decoding_settings(model, num_beams, max_new_tokens)
     check_references(split, split_name)
@@ -574,10 +330,10 @@ def evaluate_captioner(
     if shapes_scenes is not None:
         ids = split["image_id"]
         report["shapes"] = {
-            key: data.score_shapes_captions(dict(zip(ids, caps, strict=True)), shapes_scenes)
+            key: score_shapes_captions(dict(zip(ids, caps, strict=True)), shapes_scenes)
             for key, caps in scored.items()
         }
-    _write_outputs(Path(output_dir), report, split, captions, num_gallery)
+    write_report(Path(output_dir), report, split, captions, num_gallery)
     return report
 
 
@@ -609,17 +365,6 @@ def _score_rows(
         )
         for key, caps in captions.items()
     }
-
-
-def _write_outputs(
-    folder: Path, report: dict, split: datasets.Dataset, captions: dict, num_gallery: int
-) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "report.md").write_text(render_markdown(report))
-    write_captions_jsonl(folder / "captions.jsonl", split["image_id"], split["captions"], captions)
-    title = f"{report['dataset']} {report['split']}: captions and references"
-    write_gallery(folder, title, split, captions, num_gallery)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -743,7 +488,7 @@ def _hub_repo_id(args) -> str | None:
         return args.hub_model_id
     if not Path(args.model).expanduser().is_dir() and is_hub_id(args.model):
         return args.model
-    raise EvaluationError(
+    raise UsageError(
         "--push_to_hub with a local --model needs --hub_model_id (e.g. your-name/clip-lstm-flickr8k)"
     )
 
@@ -752,29 +497,27 @@ def _check_args(args) -> None:
     for name in ("max_images", "num_beams", "max_new_tokens", "batch_size", "embed_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise EvaluationError(f"--{name} must be >= 1, got {value}")
+            raise UsageError(f"--{name} must be >= 1, got {value}")
     if args.num_gallery < 0:
-        raise EvaluationError(f"--num_gallery must be >= 0, got {args.num_gallery}")
+        raise UsageError(f"--num_gallery must be >= 0, got {args.num_gallery}")
 
 
 def push(model_source: str, model, processor, repo_id: str, report: dict) -> None:
     """Publish the evaluated model with `report` (its metrics become the card's model-index)."""
-    import publishing  # only --push_to_hub needs it (and its yaml dependency)
+    from clip_lstm_captioner import publishing  # only --push_to_hub needs it (and its yaml dependency)
 
     source = model_source if Path(model_source).expanduser().is_dir() else (model, processor)
     try:
         commit = publishing.publish(source, repo_id, report=report)
     except Exception as error:  # offline, no token, HTTP errors: the report is written already
-        raise EvaluationError(
-            f"--push_to_hub {repo_id}: {first_line(error)} (the report is written)"
-        ) from None
+        raise UsageError(f"--push_to_hub {repo_id}: {first_line(error)} (the report is written)") from None
     print(f"published {repo_id}: {commit}")
 
 
 def _shapes_scenes(args) -> dict | None:
     """The drawn scenes of a shapes set (by name or by folder), for colour and shape accuracy; else None."""
-    root = data.shapes_root(args.data_cache_dir) if args.dataset == "shapes" else Path(args.dataset)
-    return data.read_scenes(root) if (root / "scenes.jsonl").is_file() else None
+    root = shapes_root(args.data_cache_dir) if args.dataset == "shapes" else Path(args.dataset)
+    return read_scenes(root) if (root / "scenes.jsonl").is_file() else None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -788,12 +531,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_images:
         split = split.select(range(min(args.max_images, split.num_rows)))
     check_references(split, split_name)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     model.to(device)
     if blip is not None:
         blip[0].to(device)
     if not args.no_cache:
-        split = data.cache_image_embeds(
+        split = cache_image_embeds(
             split,
             model,
             processor.image_processor,
@@ -820,7 +563,7 @@ def run(args: argparse.Namespace) -> dict:
         meteor=not args.no_meteor,
         num_gallery=args.num_gallery,
         shapes_scenes=_shapes_scenes(args),
-        num_workers=args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1),
+        num_workers=default_num_workers(args.num_workers),
         on_bad_image=args.on_bad_image,
     )
     print(render_markdown(report))
@@ -833,17 +576,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> dict:
-    """Evaluate from the command line; a user error prints one line and exits with status 2.
+    """Evaluate from the command line (`run_cli` turns a user error into one line and exit status 2).
 
-    Example:
-        >>> report = main(["--model", "outputs/demo/model", "--dataset", "shapes", "--no_meteor"])
+    report = main(["--model", "outputs/demo/model", "--dataset", "shapes", "--no_meteor"])
     """
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (EvaluationError, data.DatasetFormatError, data.DatasetUnavailableError, ImageLoadError) as error:
-        print(f"evaluate_model.py: error: {' '.join(str(error).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_cli(run, "evaluate_model.py", parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ processor with either tokenizer.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterable
@@ -39,7 +40,16 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
-class ImageLoadError(ValueError):
+class CaptionerError(Exception):
+    """A user error (bad argument, input file or setting) whose message is one line naming it.
+
+    Every error type of the project that a user can cause derives from this one, so that each
+    command-line tool catches exactly this, prints `<script>: error: <message>` and exits 2.
+    It lives here, in a file the Hub carries, because `ImageLoadError` below derives from it.
+    """
+
+
+class ImageLoadError(CaptionerError, ValueError):
     """A file or object that cannot be read as an image; the message names it."""
 
 
@@ -47,7 +57,7 @@ def first_line(error: BaseException) -> str:
     """An exception as one line for a user-facing message: its type and the first line of its text.
 
     Example:
-        >>> first_line(OSError("no route to host\nretrying..."))
+        >>> first_line(OSError("no route to host\\nretrying..."))
         'OSError: no route to host'
     """
     text = str(error).strip()
@@ -97,16 +107,41 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
-    """Read a path, PIL image or HxWxC uint8 array as an upright RGB PIL image.
+def image_error(name: str, error: BaseException) -> ImageLoadError:
+    """The one message for an image that cannot be read, naming it; for every reader in the project.
+
+    Example:
+        >>> image_error("cat.jpg", FileNotFoundError(2, "No such file"))
+        ImageLoadError('cat.jpg: no such image file')
+    """
+    if isinstance(error, ImageLoadError):
+        return error
+    if isinstance(error, FileNotFoundError):
+        return ImageLoadError(f"{name}: no such image file")
+    if isinstance(error, UnidentifiedImageError):
+        return ImageLoadError(f"{name}: not an image file PIL can read")
+    if isinstance(error, Image.DecompressionBombError):
+        return ImageLoadError(f"{name}: too large to decode ({error})")
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ImageLoadError(f"{name}: unreadable image ({message})")
+
+
+def load_image(
+    image: str | os.PathLike | bytes | Image.Image | np.ndarray, name: str | None = None
+) -> Image.Image:
+    """Read a path, encoded bytes, PIL image or HxWxC uint8 array as an upright RGB PIL image.
 
     EXIF orientation is applied (phone photos are stored sideways with a rotation tag).
     A file that is missing, empty, truncated or not an image raises `ImageLoadError`
-    with a one-line message naming it.
+    with a one-line message naming it (`name`, else the path).
 
     Example:
-        >>> load_image("Images/dog.jpg").mode
-        'RGB'
+        >>> load_image(np.zeros((4, 6, 3), dtype=np.uint8)).size
+        (6, 4)
+        >>> load_image(b"not an image", name="upload.png")
+        Traceback (most recent call last):
+        ...
+        processing.ImageLoadError: upload.png: not an image file PIL can read
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -114,26 +149,26 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
         return to_rgb(Image.fromarray(image))
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image))
-    path = Path(image)
+    source = io.BytesIO(image) if isinstance(image, bytes) else Path(image)
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             opened.load()  # decode now, so a truncated file fails here and not later
             upright = ImageOps.exif_transpose(opened)
             return to_rgb(upright).copy()
-    except FileNotFoundError:
-        raise ImageLoadError(f"{path}: no such image file") from None
-    except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not an image file PIL can read") from None
-    except Image.DecompressionBombError as error:
-        raise ImageLoadError(f"{path}: too large to decode ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ImageLoadError(f"{path}: unreadable image ({message})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise image_error(
+            name or str(image if not isinstance(image, bytes) else "image bytes"), error
+        ) from None
 
 
 # ----------------------------------------------------------------------------- tokenizers
 
-CAPTION_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+CAPTION_SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<bos>",
+    "eos_token": "<eos>",
+    "unk_token": "<unk>",
+}
 CLIP_PAD_TOKEN = "<|pad|>"
 DEFAULT_MAX_CAPTION_LENGTH = 64
 _SPACE_BEFORE_PUNCTUATION = re.compile(r" ([.,!?:;](?:\s|$))")
@@ -158,17 +193,24 @@ def build_caption_tokenizer(
     specials = list(CAPTION_SPECIAL_TOKENS.values())  # ids 0..3 in this order
     core = Tokenizer(WordLevel(unk_token=CAPTION_SPECIAL_TOKENS["unk_token"]))
     core.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()])
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     trainer = WordLevelTrainer(min_frequency=min_frequency, special_tokens=specials, show_progress=False)
     core.train_from_iterator(captions, trainer=trainer)
     if core.get_vocab_size() <= len(specials):
-        raise ValueError(f"no word occurs {min_frequency} times in the training captions; lower min_frequency")
+        raise ValueError(
+            f"no word occurs {min_frequency} times in the training captions; lower min_frequency"
+        )
     bos, eos = CAPTION_SPECIAL_TOKENS["bos_token"], CAPTION_SPECIAL_TOKENS["eos_token"]
     core.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}", special_tokens=[(bos, core.token_to_id(bos)), (eos, core.token_to_id(eos))]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, model_max_length=max_length, clean_up_tokenization_spaces=True, **CAPTION_SPECIAL_TOKENS
+        tokenizer_object=core,
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=True,
+        **CAPTION_SPECIAL_TOKENS,
     )
 
 
@@ -179,8 +221,8 @@ def load_clip_tokenizer(name_or_path: str, max_length: int = 77) -> PreTrainedTo
     to stop. We add `<|pad|>`, so the vocabulary grows by one (49,408 -> 49,409 for OpenAI CLIP).
 
     Example:
-        >>> len(load_clip_tokenizer("openai/clip-vit-base-patch32"))
-        49409
+        len(load_clip_tokenizer("openai/clip-vit-base-patch32"))
+        # -> 49409
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -214,17 +256,26 @@ class ClipLstmProcessor(ProcessorMixin):
     `input_ids`, `attention_mask`, `labels`; generated ids -> clean captions.
 
     Example:
-        >>> processor = ClipLstmProcessor(image_processor_for(config.vision_config), tokenizer)
-        >>> batch = processor(images=["dog.jpg"], text=["A dog runs."], return_tensors="pt")
-        >>> sorted(batch)
-        ['attention_mask', 'input_ids', 'labels', 'pixel_values']
+        processor = ClipLstmProcessor(image_processor_for(config.vision_config), tokenizer)
+        batch = processor(images=["dog.jpg"], text=["A dog runs."], return_tensors="pt")
+        sorted(batch)
+        # -> ['attention_mask', 'input_ids', 'labels', 'pixel_values']
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, max_caption_length: int = DEFAULT_MAX_CAPTION_LENGTH):
+    def __init__(
+        self, image_processor=None, tokenizer=None, max_caption_length: int = DEFAULT_MAX_CAPTION_LENGTH
+    ):
         self.max_caption_length = max_caption_length
         super().__init__(image_processor, tokenizer)
 
-    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", max_length: int | None = None, **kwargs):
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        return_tensors: str | None = "pt",
+        max_length: int | None = None,
+        **kwargs,
+    ):
         """Process `images` (path, PIL image, array or a list of them) and/or `text` (str or list).
 
         Captions are padded to the longest in the batch (right padding) and truncated to
@@ -236,13 +287,17 @@ class ClipLstmProcessor(ProcessorMixin):
         batch = {}
         if images is not None:
             images = images if isinstance(images, (list, tuple)) else [images]
-            pixels = self.image_processor([load_image(image) for image in images], return_tensors=return_tensors, **kwargs)
+            pixels = self.image_processor(
+                [load_image(image) for image in images], return_tensors=return_tensors, **kwargs
+            )
             batch["pixel_values"] = pixels["pixel_values"]
         if text is not None:
             batch.update(self.encode_captions(text, max_length=max_length, return_tensors=return_tensors))
         return BatchFeature(batch, tensor_type=return_tensors)
 
-    def encode_captions(self, text, max_length: int | None = None, return_tensors: str | None = "pt") -> BatchFeature:
+    def encode_captions(
+        self, text, max_length: int | None = None, return_tensors: str | None = "pt"
+    ) -> BatchFeature:
         """Tokenise captions into right-padded `input_ids`, `attention_mask` and `labels` (pad -> -100)."""
         text = [text] if isinstance(text, str) else list(text)
         encoded = self.tokenizer(
@@ -285,4 +340,10 @@ class ClipLstmProcessor(ProcessorMixin):
 # processor_config.json gets an auto_map, so AutoProcessor(..., trust_remote_code=True) finds this class.
 ClipLstmProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["ClipLstmProcessor", "build_caption_tokenizer", "load_clip_tokenizer", "load_image", "ImageLoadError"]
+__all__ = [
+    "ClipLstmProcessor",
+    "build_caption_tokenizer",
+    "load_clip_tokenizer",
+    "load_image",
+    "ImageLoadError",
+]

@@ -28,17 +28,19 @@ from transformers import AutoModel, AutoProcessor, BlipForConditionalGeneration,
 
 from processing import ImageLoadError, first_line, load_image
 
-try:  # in a checkout, the offline demo's trained model; a Space carries no training script
-    from train_accelerate import DEMO_MODEL_DIR
+try:  # in a checkout, the offline demo's trained model; a Space carries only the model's own files
+    from clip_lstm_captioner.cli import DEMO_MODEL_DIR
 except ImportError:
     DEMO_MODEL_DIR = None
 
+# Copied from clip_lstm_captioner.cli.DEMO_COMMAND
 DEMO_COMMAND = "python train_accelerate.py --demo"
 DEFAULT_BLIP_MODEL_ID = "Salesforce/blip-image-captioning-base"
 MODEL_ID = os.getenv("MODEL_ID") or (
     str(DEMO_MODEL_DIR) if DEMO_MODEL_DIR and Path(DEMO_MODEL_DIR).is_dir() else None
 )
 BLIP_MODEL_ID = os.getenv("BLIP_MODEL_ID") or DEFAULT_BLIP_MODEL_ID
+# Copied from clip_lstm_captioner.cli.default_device (a Space carries no package)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 MAX_BEAMS = 8
@@ -75,8 +77,8 @@ def load_ours(model_id: str | None) -> Captioner:
     """Load our captioner from a Hub id or folder; a failure becomes the panel's message.
 
     Example:
-        >>> load_ours(None).error.startswith("No model")
-        True
+        load_ours(None).error.startswith("No model")
+        # -> True
     """
     if not model_id:
         return Captioner(
@@ -97,8 +99,8 @@ def load_blip(model_id: str) -> Captioner:
     """Load BLIP (Hub id or folder); offline or missing, the panel says why.
 
     Example:
-        >>> load_blip("Salesforce/blip-image-captioning-base").model is not None  # needs the Hub
-        True
+        load_blip("Salesforce/blip-image-captioning-base").model is not None  # needs the Hub
+        # -> True
     """
     try:
         model = BlipForConditionalGeneration.from_pretrained(model_id)
@@ -150,8 +152,8 @@ def example_images(folder: Path = EXAMPLES_DIR) -> list[str]:
     """Draw the example scenes into `folder` (once) and return their paths.
 
     Example:
-        >>> [Path(p).name for p in example_images()][0]
-        'red-circle.png'
+        [Path(p).name for p in example_images()][0]
+        # -> 'red-circle.png'
     """
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -171,9 +173,9 @@ def read_image(path: str, name: str | None = None) -> tuple[Image.Image, str]:
     a note ('' or what was done). Anything unreadable raises `ImageLoadError` naming the file.
 
     Example:
-        >>> image, note = read_image("huge.png")
-        >>> note
-        'Downscaled from 6000×3000 to 4096×2048 before captioning.'
+        image, note = read_image("huge.png")
+        note
+        # -> 'Downscaled from 6000×3000 to 4096×2048 before captioning.'
     """
     name = name or Path(path).name
     try:

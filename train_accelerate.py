@@ -20,40 +20,30 @@ import shutil
 import sys
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, get_scheduler
 
+from clip_lstm_captioner.cli import DEMO_OUTPUT_DIR, MODEL_FOLDER, loading, run_cli
+from clip_lstm_captioner.data import add_data_args, dataset_from_args
+from clip_lstm_captioner.embedding_cache import cache_image_embeds, image_embeds_of, weights_digest
+from clip_lstm_captioner.errors import UsageError
+from clip_lstm_captioner.files import default_cache_dir, write_text_atomic
+from clip_lstm_captioner.pretraining import pretrained_tower_folder
+from clip_lstm_captioner.publishing import publish
+from clip_lstm_captioner.shapes import read_scenes, shapes_root
 from configuration_clip_lstm import ClipLstmConfig
-from data import (
-    CaptionPairs,
-    DatasetUnavailableError,
-    add_data_args,
-    cache_image_embeds,
-    dataset_from_args,
-    default_cache_dir,
-    image_embeds_of,
-    keep_batch,
-    read_scenes,
-    shapes_root,
-    weights_digest,
-)
 from evaluate_model import evaluate_captioner
 from modeling_clip_lstm import DEFAULT_VISION_MODEL, ClipLstmForImageCaptioning
-from pretrain_clip import pretrained_tower_folder
 from processing import ClipLstmProcessor, build_caption_tokenizer, image_processor_for, load_clip_tokenizer
-from publishing import publish
-
-# Where the offline demo (`--demo`) writes its run; the trained model is its "model" folder.
-DEMO_OUTPUT_DIR = Path(__file__).resolve().parent / "outputs" / "demo"
-MODEL_FOLDER = "model"  # inside --output_dir: the best model, loadable with from_pretrained
-DEMO_MODEL_DIR = DEMO_OUTPUT_DIR / MODEL_FOLDER
 
 # The demo's CLIP tower: small patches on the 96 px shapes images. `--vision_model pretrain` (the
-# demo's) trains it contrastively on the training split first (pretrain_clip.py); a random tower
-# keeps colour but not shape (see the README for both sets of scores).
+# demo's) trains it contrastively on the training split first (clip_lstm_captioner/pretraining.py);
+# a random tower keeps colour but not shape (see the README for both sets of scores).
+# fmt: off
 DEMO_VISION_CONFIG = dict(
     image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, projection_dim=128,
@@ -65,6 +55,7 @@ DEMO_DEFAULTS = dict(
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    # Left as written (fmt: off above): the formatter would spread each flag over five lines.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true",
                         help="The offline demo: shapes set, a small random CLIP tower, a small decoder, "
@@ -131,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--no_meteor", action="store_true", help="Leave METEOR (a Java process) out of the final evaluation.")
     out.add_argument("--push_to_hub", action="store_true", help="Publish the best model to the Hub at the end.")
     out.add_argument("--hub_model_id", default=None, help="Hub repo for --push_to_hub (default: the output folder name).")
+    # fmt: on
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
         parser.set_defaults(**DEMO_DEFAULTS)
@@ -147,7 +139,7 @@ def check_trackers(report_to: str) -> list[str] | None:
     names = ["tensorboard", "trackio"] if report_to == "all" else [report_to]
     for name in names:
         if importlib.util.find_spec(name) is None:
-            raise ValueError(f"--report_to {report_to}: the {name} package is not installed "
+            raise UsageError(f"--report_to {report_to}: the {name} package is not installed "
                              "(pip install -e '.[tracking]')")
     return names
 
@@ -156,7 +148,8 @@ def build_tokenizer(args, train_split):
     if args.tokenizer == "captions":
         captions = [caption for captions in train_split["captions"] for caption in captions]
         return build_caption_tokenizer(captions, args.min_word_frequency, args.max_caption_length)
-    return load_clip_tokenizer(args.tokenizer, args.max_caption_length)
+    with loading(f"--tokenizer {args.tokenizer}"):
+        return load_clip_tokenizer(args.tokenizer, args.max_caption_length)
 
 
 def vision_source(args, train_split, tokenizer) -> str:
@@ -178,7 +171,8 @@ def build_model(args, tokenizer, vision_model: str) -> ClipLstmForImageCaptionin
         eos_token_id=tokenizer.eos_token_id,
     )
     if vision_model != "random":
-        model = ClipLstmForImageCaptioning.from_clip(vision_model, **decoder)
+        with loading(f"--vision_model {vision_model}"):
+            model = ClipLstmForImageCaptioning.from_clip(vision_model, **decoder)
     else:
         model = ClipLstmForImageCaptioning(ClipLstmConfig(vision_config=random_vision_config(args), **decoder))
     generation = model.generation_config
@@ -195,7 +189,61 @@ def random_vision_config(args) -> CLIPVisionConfig:
     try:
         return CLIPVisionConfig(**json.loads(text))
     except (json.JSONDecodeError, TypeError) as error:
-        raise ValueError(f"--vision_config: not a CLIPVisionConfig JSON object or file ({error})") from None
+        raise UsageError(f"--vision_config: not a CLIPVisionConfig JSON object or file ({error})") from None
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """Every reference caption of every image, as training items (image features, caption tokens).
+
+    Captions are kept in one padded (N, L) tensor, and a batch is cut with a few tensor ops
+    (`__getitems__`, which DataLoader calls with a batch's indices) and trimmed to its longest
+    caption: no per-item Python padding, which would dominate a 10 ms GPU step.
+
+    >>> pairs = CaptionPairs(torch.zeros(2, 4), [0, 0, 1], [[1, 5, 2], [1, 2], [1, 6, 7, 2]], pad_token_id=0)
+    >>> batch = pairs.__getitems__([0, 1])
+    >>> batch["input_ids"].tolist(), batch["labels"].tolist()
+    ([[1, 5, 2], [1, 2, 0]], [[1, 5, 2], [1, 2, -100]])
+    """
+
+    def __init__(self, image_embeds: torch.Tensor, image_index: torch.Tensor, token_ids: list[list[int]], pad_token_id: int):
+        self.image_embeds, self.image_index = image_embeds, torch.as_tensor(image_index, dtype=torch.long)
+        self.lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.long)
+        longest = int(self.lengths.max()) if len(token_ids) else 1
+        self.tokens = torch.full((len(token_ids), longest), pad_token_id, dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            self.tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+
+    @classmethod
+    def from_split(cls, split: datasets.Dataset, tokenizer, max_length: int = 64) -> CaptionPairs:
+        """Tokenise all captions of a split that has an `image_embeds` column."""
+        image_index = [i for i, captions in enumerate(split["captions"]) for _ in captions]
+        captions = [caption for captions in split["captions"] for caption in captions]
+        token_ids = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"] if captions else []
+        return cls(image_embeds_of(split), image_index, token_ids, tokenizer.pad_token_id)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A batch padded to its longest caption: `image_embeds`, `input_ids`, `attention_mask`, `labels` (-100 at padding)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        lengths = self.lengths[indices]
+        input_ids = self.tokens[indices, : int(lengths.max())]
+        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+        return {
+            "image_embeds": self.image_embeds[self.image_index[indices]],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+        }
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: value[0] for name, value in self.__getitems__([index]).items()}
+
+
+def keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DataLoader collate_fn for `CaptionPairs`: `__getitems__` already built the batch."""
+    return batch
 
 
 def caption_loader(pairs: CaptionPairs, batch_size: int, shuffle: bool, seed: int = 0):
@@ -257,7 +305,7 @@ def save_model_atomically(model, processor, folder: Path, run_args: dict) -> Non
     try:
         model.save_pretrained(temporary)
         processor.save_pretrained(temporary)
-        (temporary / "training_args.json").write_text(json.dumps(run_args, indent=2, default=str))
+        write_text_atomic(temporary / "training_args.json", json.dumps(run_args, indent=2, default=str))
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -307,7 +355,7 @@ def save_checkpoint(accelerator, args, state: dict) -> None:
     folder = Path(args.output_dir) / "checkpoints" / f"step_{state['step']}"
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
-        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        write_text_atomic(folder / "trainer_state.json", json.dumps(state, indent=2))
         older = sorted(folder.parent.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
         for stale in older[: -args.checkpoints_total_limit]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -318,7 +366,12 @@ def save_checkpoint(accelerator, args, state: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    """Train from the command line (a user error: one line on stderr, exit status 2); returns the loop state."""
+    return run_cli(train, "train_accelerate.py", parse_args(argv))
+
+
+def train(args: argparse.Namespace) -> dict:
+    """The steps of training, in order; `main` parses the flags."""
     output_dir = Path(args.output_dir)
     trackers = check_trackers(args.report_to)
     accelerator = Accelerator(
@@ -428,7 +481,7 @@ def main(argv=None) -> dict:
     accelerator.end_training()
     if accelerator.is_main_process and state["history"]:
         summary = dict(state, num_processes=accelerator.num_processes, model_dir=str(output_dir / MODEL_FOLDER))
-        (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(output_dir / "trainer_state.json", json.dumps(summary, indent=2))
         finish(args, splits, accelerator.device)
     return state
 
@@ -448,7 +501,7 @@ def finish(args, splits: dict, device) -> None:
             shapes_scenes=scenes,
         )
         # next to the weights, so the model card (publishing.py) shows the results
-        (model_dir / "report.json").write_text(json.dumps(report, indent=2))
+        write_text_atomic(model_dir / "report.json", json.dumps(report, indent=2))
         print((output_dir / "eval" / "report.md").read_text())
     print(f"model: {model_dir}\nloss curve: {output_dir / 'loss_curve.png'}\n"
           f"sample captions per epoch: {output_dir / 'samples.jsonl'}")
@@ -472,8 +525,4 @@ def report_epoch(state: dict, samples: list[dict], output_dir: Path, improved: b
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, DatasetUnavailableError) as error:  # user errors: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    main()

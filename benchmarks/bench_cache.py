@@ -29,23 +29,40 @@ from PIL import Image, ImageDraw, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import device_info, emit  # noqa: E402
+from clip_lstm_captioner.data import load_caption_dataset  # noqa: E402
+from clip_lstm_captioner.embedding_cache import cache_image_embeds  # noqa: E402
+from clip_lstm_captioner.images import ImageFiles  # noqa: E402
 from configuration_clip_lstm import ClipLstmConfig  # noqa: E402
-from data import ImageFiles, cache_image_embeds, load_caption_dataset  # noqa: E402
 from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
 from processing import image_processor_for  # noqa: E402
 
 TARGET = "on an H100/H200: at least 2,000 images/s end to end (the original project: 174 images/s on an H200)"
-QUICK_TOWER = dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=2, projection_dim=32)
+QUICK_TOWER = dict(
+    image_size=64,
+    patch_size=16,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    projection_dim=32,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_images", type=int, default=2000, help="JPEG files to generate and embed.")
     parser.add_argument("--batch_size", type=int, default=256, help="Images per CLIP batch.")
-    parser.add_argument("--num_workers", type=int, default=None, help="Decoding workers (default: all cores, at most 16).")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where CLIP runs.")
-    parser.add_argument("--workdir", default=None, help="Where to write the JPEGs and cache (default: a temp folder).")
+    parser.add_argument(
+        "--num_workers", type=int, default=None, help="Decoding workers (default: all cores, at most 16)."
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where CLIP runs."
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="Where to write the JPEGs and cache (default: a temp folder)."
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny tower and 40 images, for a smoke test.")
     parser.add_argument("--output", default=None, help="Also write the JSON to this file.")
     args = parser.parse_args(argv)
@@ -60,14 +77,19 @@ def photo_like(index: int) -> Image.Image:
     """A 500x375 image with smooth colour gradients, a few blurred shapes and mild noise."""
     rng = np.random.default_rng(index)
     y, x = np.mgrid[0:375, 0:500] / 500.0
-    base = rng.uniform(40, 220, 3)[None, None, :] + rng.uniform(-80, 80, 3)[None, None, :] * (x + y)[:, :, None] / 2
+    base = (
+        rng.uniform(40, 220, 3)[None, None, :]
+        + rng.uniform(-80, 80, 3)[None, None, :] * (x + y)[:, :, None] / 2
+    )
     image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(3, 8)):
         x0, y0 = rng.integers(0, 450), rng.integers(0, 330)
         box = (x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 150))
         draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    noisy = np.asarray(image.filter(ImageFilter.GaussianBlur(2)), dtype=np.int16) + rng.integers(-6, 7, (375, 500, 3))
+    noisy = np.asarray(image.filter(ImageFilter.GaussianBlur(2)), dtype=np.int16) + rng.integers(
+        -6, 7, (375, 500, 3)
+    )
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
@@ -82,14 +104,18 @@ def write_folder(root: Path, num_images: int, workers: int) -> Path:
     images.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(write_jpeg, [(images, i) for i in range(num_images)], chunksize=32))
-    lines = ["image,caption"] + [f"photo_{i:05d}.jpg,a picture number {i % 5}" for i in range(num_images) for _ in range(5)]
+    lines = ["image,caption"] + [
+        f"photo_{i:05d}.jpg,a picture number {i % 5}" for i in range(num_images) for _ in range(5)
+    ]
     (root / "captions.txt").write_text("\n".join(lines) + "\n")
     return root
 
 
 def build_model(args) -> ClipLstmForImageCaptioning:
     vision = QUICK_TOWER if args.quick else None  # None: the ViT-B/32 default
-    config = ClipLstmConfig(vision_config=vision, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = ClipLstmConfig(
+        vision_config=vision, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     return ClipLstmForImageCaptioning(config).to(args.device).eval()
 
 
@@ -103,8 +129,12 @@ def time_decoding(split, image_processor, args) -> float:
     import datasets
 
     sources = split.cast_column("image", datasets.Image(decode=False))["image"]
-    loader = torch.utils.data.DataLoader(ImageFiles(sources, image_processor), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=lambda items: len(items))
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(sources, image_processor),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=lambda items: len(items),
+    )
     start = time.perf_counter()
     count = sum(loader)
     return count / (time.perf_counter() - start)
@@ -139,13 +169,25 @@ def main(argv=None) -> dict:
     shutil.rmtree(workdir / "cache" / "embeddings", ignore_errors=True)
 
     start = time.perf_counter()
-    cached = cache_image_embeds(everything, model, image_processor, cache_dir=workdir / "cache",
-                                batch_size=args.batch_size, num_workers=args.num_workers)
+    cached = cache_image_embeds(
+        everything,
+        model,
+        image_processor,
+        cache_dir=workdir / "cache",
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
     sync(args.device)
     first_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    cache_image_embeds(everything, model, image_processor, cache_dir=workdir / "cache",
-                       batch_size=args.batch_size, num_workers=args.num_workers)
+    cache_image_embeds(
+        everything,
+        model,
+        image_processor,
+        cache_dir=workdir / "cache",
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
     reread_seconds = time.perf_counter() - start
 
     report = {
@@ -155,7 +197,9 @@ def main(argv=None) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "workdir")},
         "tower": "tiny (quick)" if args.quick else "ViT-B/32 shape, random weights",
         "num_images": cached.num_rows,
-        "jpeg_mean_kb": round(sum(p.stat().st_size for p in (folder / "Images").iterdir()) / args.num_images / 1024, 1),
+        "jpeg_mean_kb": round(
+            sum(p.stat().st_size for p in (folder / "Images").iterdir()) / args.num_images / 1024, 1
+        ),
         "seconds_writing_jpegs": round(write_seconds, 2),
         "end_to_end_seconds": round(first_seconds, 2),
         "end_to_end_images_per_s": round(cached.num_rows / first_seconds, 1),

@@ -54,22 +54,40 @@ NOISY_CPU_SHARE = 0.10  # above this share of the CPU taken by other processes, 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_images", type=int, default=1000, help="images in the batched cases (default 1000)")
-    parser.add_argument("--max_new_tokens", type=int, default=30, help="caption length limit (default 30)")
-    parser.add_argument("--vocab_sizes", default="8000,49409", help="comma-separated vocabulary sizes to time")
-    parser.add_argument("--num_layers", type=int, default=1, help="LSTM layers of the decoder (config default 1)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="decoder weights dtype")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the single-image cases (median)")
-    parser.add_argument("--reference_images", type=int, default=20, help="images timed with the slow reference")
     parser.add_argument(
-        "--eos_bias", type=float, default=0.0,
+        "--num_images", type=int, default=1000, help="images in the batched cases (default 1000)"
+    )
+    parser.add_argument("--max_new_tokens", type=int, default=30, help="caption length limit (default 30)")
+    parser.add_argument(
+        "--vocab_sizes", default="8000,49409", help="comma-separated vocabulary sizes to time"
+    )
+    parser.add_argument(
+        "--num_layers", type=int, default=1, help="LSTM layers of the decoder (config default 1)"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="decoder weights dtype"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats of the single-image cases (median)"
+    )
+    parser.add_argument(
+        "--reference_images", type=int, default=20, help="images timed with the slow reference"
+    )
+    parser.add_argument(
+        "--eos_bias",
+        type=float,
+        default=0.0,
         help="if non-zero, also time the batched cases with peaked random decoder weights and this added to the "
         "EOS logit, so captions end at varied lengths (4 ends about 70%% of them before 30 tokens, mean 15-19 tokens); "
         "the headline numbers stay at full length",
     )
-    parser.add_argument("--skip_vit", action="store_true", help="skip the pixel_values / ViT-B/32 latency section")
-    parser.add_argument("--quick", action="store_true", help="fast run: 50 images, 2 reference images, vocab 8000, no ViT")
+    parser.add_argument(
+        "--skip_vit", action="store_true", help="skip the pixel_values / ViT-B/32 latency section"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fast run: 50 images, 2 reference images, vocab 8000, no ViT"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights and inputs")
     parser.add_argument("--output", default=None, help="also write the JSON to this file")
     args = parser.parse_args(argv)
@@ -157,10 +175,16 @@ def build_model(vocab_size: int, device, dtype, vision_config=None, eos_bias: fl
     cases never run it, and building a full ViT-B/32 for them would only cost time and memory.
     """
     if vision_config is None:
-        vision_config = dict(hidden_size=IMAGE_EMBED_DIM, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        vision_config = dict(
+            hidden_size=IMAGE_EMBED_DIM, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
     config = ClipLstmConfig(
-        vision_config=vision_config, vocab_size=vocab_size, bos_token_id=vocab_size - 3,
-        eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1, **decoder,
+        vision_config=vision_config,
+        vocab_size=vocab_size,
+        bos_token_id=vocab_size - 3,
+        eos_token_id=vocab_size - 2,
+        pad_token_id=vocab_size - 1,
+        **decoder,
     )
     model = ClipLstmForImageCaptioning(config).eval()
     if eos_bias:
@@ -221,7 +245,9 @@ def reference_beam_search(model, image_embed: torch.Tensor, num_beams: int, max_
     for _ in range(max_new_tokens):
         proposals = []
         for tokens, score, state in live:
-            logits, next_state = model.decoder.step(torch.tensor([tokens[-1]], device=image_embed.device), state)
+            logits, next_state = model.decoder.step(
+                torch.tensor([tokens[-1]], device=image_embed.device), state
+            )
             log_probs = F.log_softmax(logits[0].float(), dim=-1)
             log_probs[banned] = float("-inf")
             top = torch.topk(log_probs, num_beams)
@@ -249,7 +275,8 @@ def time_reference(model, image_embeds: torch.Tensor, max_new_tokens: int, devic
     """Seconds per image of the reference over the given images (after a short warm-up)."""
     reference_beam_search(model, image_embeds[0], NUM_BEAMS, 2)
     seconds, captions = timed(
-        lambda: [reference_beam_search(model, embed, NUM_BEAMS, max_new_tokens) for embed in image_embeds], device
+        lambda: [reference_beam_search(model, embed, NUM_BEAMS, max_new_tokens) for embed in image_embeds],
+        device,
     )
     return seconds / len(image_embeds), captions
 
@@ -285,7 +312,9 @@ def bench_vocab(vocab_size: int, args, device, dtype) -> dict:
     embeds = random_image_embeds(args.num_images, device, args.seed)
     out, batched_beams = bench_generate_cases(model, embeds, args, device)
     beams_per_s = out[f"beam{NUM_BEAMS}_batch{args.num_images}_captions_per_s"]
-    out.update(bench_reference(model, embeds[: args.reference_images], batched_beams, beams_per_s, args, device))
+    out.update(
+        bench_reference(model, embeds[: args.reference_images], batched_beams, beams_per_s, args, device)
+    )
     if args.eos_bias:
         out.update(bench_early_eos(vocab_size, args, device, dtype, embeds))
     return out
@@ -313,7 +342,9 @@ def bench_reference(model, sample, batched_beams, beams_per_s: float, args, devi
         f"reference_beam{NUM_BEAMS}_s_per_image": seconds,
         "reference_images_timed": len(sample),
         # Near-uniform random log-probs make near-ties, which batch-1 and batch-N matmuls may round apart.
-        "reference_same_caption_as_batched_fraction": agreement(captions, batched_beams, model.config.pad_token_id),
+        "reference_same_caption_as_batched_fraction": agreement(
+            captions, batched_beams, model.config.pad_token_id
+        ),
         f"speedup_beam{NUM_BEAMS}_batch{n}_vs_reference_per_image": seconds * beams_per_s,
     }
     if device.type == "cpu":
@@ -337,7 +368,9 @@ def bench_early_eos(vocab_size: int, args, device, dtype, embeds) -> dict:
         prefix = f"eos_bias_{name}_batch{len(embeds)}"
         out[f"{prefix}_captions_per_s"] = rate
         out[f"{prefix}_mean_generated_tokens"] = tokens
-        out[f"{prefix}_ended_with_eos_fraction"] = float((sequences == model.config.eos_token_id).any(1).float().mean())
+        out[f"{prefix}_ended_with_eos_fraction"] = float(
+            (sequences == model.config.eos_token_id).any(1).float().mean()
+        )
     return out
 
 
@@ -359,9 +392,13 @@ def bench_vit(args, device, dtype) -> dict:
     """Single-image latency from 224x224 pixel_values through a random ViT-B/32 tower."""
     vocab_size = max(args.vocab_sizes)
     log(f"ViT-B/32 single-image latency (vocab {vocab_size})")
-    model = build_model(vocab_size, device, dtype, vision_config=CLIPVisionConfig(), num_layers=args.num_layers)
+    model = build_model(
+        vocab_size, device, dtype, vision_config=CLIPVisionConfig(), num_layers=args.num_layers
+    )
     size = model.config.vision_config.image_size
-    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(
+        device
+    )
     clip_s, _ = median_time(lambda: model.get_image_features(pixel_values), device, args.repeats)
     out = {"vocab_size": vocab_size, "image_size": size, "clip_forward_batch1_ms": clip_s * 1e3}
     for name, beams in (("greedy", 1), (f"beam{NUM_BEAMS}", NUM_BEAMS)):
@@ -434,12 +471,26 @@ def main(argv=None) -> dict:
     results = {
         "benchmark": "generate",
         "device": device_info(device),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "settings": {
-            "num_images": args.num_images, "max_new_tokens": args.max_new_tokens, "vocab_sizes": args.vocab_sizes,
-            "embed_dim": 512, "hidden_size": 512, "num_layers": args.num_layers, "num_beams": NUM_BEAMS,
-            "dtype": args.dtype, "repeats": args.repeats, "reference_images": args.reference_images,
-            "eos_bias": args.eos_bias, "quick": args.quick, "seed": args.seed, "weights": "random",
+            "num_images": args.num_images,
+            "max_new_tokens": args.max_new_tokens,
+            "vocab_sizes": args.vocab_sizes,
+            "embed_dim": 512,
+            "hidden_size": 512,
+            "num_layers": args.num_layers,
+            "num_beams": NUM_BEAMS,
+            "dtype": args.dtype,
+            "repeats": args.repeats,
+            "reference_images": args.reference_images,
+            "eos_bias": args.eos_bias,
+            "quick": args.quick,
+            "seed": args.seed,
+            "weights": "random",
             "reference_algorithm": "per image, per beam, batch-1 LSTM step, top-k per beam, .item() per candidate; "
             "finished hypotheses leave the beam; best by sum of log-probs / generated tokens",
             "timing": "batch-1 cases: median of `repeats` after a warm-up; batched cases and the reference: one "
@@ -447,8 +498,12 @@ def main(argv=None) -> dict:
             "note": "random weights never write EOS, so captions run to max_new_tokens (see *_mean_generated_tokens): "
             "the headline figures are the worst case",
         },
-        "image_embeds": {f"vocab_{v}": with_others_share(bench_vocab, v, args, device, dtype) for v in args.vocab_sizes},
-        "original_size_reference": None if args.quick else with_others_share(bench_original_reference, args, device, dtype),
+        "image_embeds": {
+            f"vocab_{v}": with_others_share(bench_vocab, v, args, device, dtype) for v in args.vocab_sizes
+        },
+        "original_size_reference": None
+        if args.quick
+        else with_others_share(bench_original_reference, args, device, dtype),
         "vit_b32_pixel_values": None if args.skip_vit else with_others_share(bench_vit, args, device, dtype),
     }
     if device.type == "cpu":

@@ -25,15 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import device_info, emit  # noqa: E402
 from configuration_clip_lstm import ClipLstmConfig  # noqa: E402
-from data import CaptionPairs  # noqa: E402
 from modeling_clip_lstm import ClipLstmForImageCaptioning  # noqa: E402
-from train_accelerate import caption_loader, training_step  # noqa: E402
+from train_accelerate import CaptionPairs, caption_loader, training_step  # noqa: E402
 
 TARGET = "on an H100/H200 with the ~8k vocabulary: 50 epochs in under 60 s (the original project: ~9 minutes)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_images", type=int, default=6000, help="Images (5 captions each).")
     parser.add_argument("--vocab_sizes", default="8000,49409", help="Comma-separated vocabulary sizes.")
     parser.add_argument("--embed_dim", type=int, default=512, help="Token embedding width.")
@@ -41,8 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_layers", type=int, default=1, help="LSTM layers.")
     parser.add_argument("--batch_size", type=int, default=256, help="Captions per batch.")
     parser.add_argument("--epochs", type=int, default=2, help="Timed epochs (after one warm-up epoch).")
-    parser.add_argument("--mixed_precision", default=None, choices=("no", "bf16", "fp16"),
-                        help="Default: bf16 on CUDA, no on CPU.")
+    parser.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=("no", "bf16", "fp16"),
+        help="Default: bf16 on CUDA, no on CPU.",
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes, for a smoke test.")
     parser.add_argument("--output", default=None, help="Also write the JSON to this file.")
     args = parser.parse_args(argv)
@@ -56,7 +61,10 @@ def synthetic_pairs(num_images: int, vocab_size: int, seed: int = 0) -> CaptionP
     """5 captions per image, lengths 8-24 tokens (BOS .. EOS), random 768-d features."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, 25, (num_images * 5,), generator=generator)
-    token_ids = [[1, *torch.randint(4, vocab_size, (n - 2,), generator=generator).tolist(), 2] for n in lengths.tolist()]
+    token_ids = [
+        [1, *torch.randint(4, vocab_size, (n - 2,), generator=generator).tolist(), 2]
+        for n in lengths.tolist()
+    ]
     image_embeds = torch.randn(num_images, 768, generator=generator)
     image_index = torch.arange(num_images).repeat_interleave(5)
     return CaptionPairs(image_embeds, image_index, token_ids, pad_token_id=0)
@@ -71,8 +79,15 @@ def peak_memory_mb(device: torch.device) -> float:
 def time_vocab(args, vocab_size: int) -> dict:
     mixed = args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     accelerator = Accelerator(mixed_precision=mixed)
-    config = ClipLstmConfig(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            embed_dim=args.embed_dim, hidden_size=args.hidden_size, num_layers=args.num_layers)
+    config = ClipLstmConfig(
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        embed_dim=args.embed_dim,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+    )
     model = ClipLstmForImageCaptioning(config)
     pairs = synthetic_pairs(args.num_images, vocab_size)
     loader = caption_loader(pairs, args.batch_size, shuffle=True)

@@ -27,5 +27,7 @@ def demo_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo")
     output_dir = root / "run"
-    train_accelerate.main(["--demo", "--output_dir", str(output_dir), "--data_cache_dir", str(root / "cache")])
+    train_accelerate.main(
+        ["--demo", "--output_dir", str(output_dir), "--data_cache_dir", str(root / "cache")]
+    )
     return output_dir

@@ -16,8 +16,21 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_generate
 def test_quick_run_prints_json_with_every_figure(tmp_path):
     output = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--max_new_tokens", "4", "--device", "cpu", "--output", str(output)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,  # another folder: the script finds the package
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--max_new_tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # another folder: the script finds the package
     )
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)  # stdout is the JSON alone; progress goes to stderr
@@ -53,11 +66,15 @@ def test_reference_beam_search_matches_generate_when_no_caption_ends():
 
 def test_reference_beam_search_ends_captions_at_eos():
     model = peaked_model(seed=0, eos_bias=6.0)
-    caption = bench_generate.reference_beam_search(model, image_embeds(1, seed=0)[0], num_beams=5, max_new_tokens=6)
+    caption = bench_generate.reference_beam_search(
+        model, image_embeds(1, seed=0)[0], num_beams=5, max_new_tokens=6
+    )
     assert caption[-1] == EOS and EOS not in caption[:-1] and len(caption) < 7
 
 
-def fake_results(device: dict, num_images: int, speedup: float, beam_seconds: float, others_share=0.0) -> dict:
+def fake_results(
+    device: dict, num_images: int, speedup: float, beam_seconds: float, others_share=0.0
+) -> dict:
     figures = {
         f"speedup_beam5_batch{num_images}_vs_reference_per_image": speedup,
         f"beam5_batch{num_images}_s_per_batch": beam_seconds,
@@ -84,14 +101,18 @@ def test_targets_are_judged_only_on_the_matching_device_batch_and_a_quiet_machin
     # a busy neighbour inflates the speed-up (the batch-1 reference suffers most): no verdict, and why
     noisy = bench_generate.evaluate_targets(fake_results(cpu, 1000, 60.0, 20.0, others_share=0.4))
     assert noisy[0]["met"] is None and "40%" in noisy[0]["not_judged_because"]
-    assert bench_generate.evaluate_targets(fake_results(cpu, 1000, 60.0, 20.0))[0]["not_judged_because"] is None
+    assert (
+        bench_generate.evaluate_targets(fake_results(cpu, 1000, 60.0, 20.0))[0]["not_judged_because"] is None
+    )
 
 
 def test_eos_bias_makes_captions_end_at_varied_lengths():
     # The headline runs never end early; --eos_bias must give a mix, or its figures say nothing new.
     cpu = torch.device("cpu")
     model = bench_generate.build_model(8000, cpu, torch.float32, eos_bias=4.0)
-    sequences = model.generate(image_embeds=bench_generate.random_image_embeds(50, cpu, 0), num_beams=1, max_new_tokens=10)
+    sequences = model.generate(
+        image_embeds=bench_generate.random_image_embeds(50, cpu, 0), num_beams=1, max_new_tokens=10
+    )
     lengths = (sequences != model.config.pad_token_id).sum(1) - 1
     assert 1 <= int(lengths.min()) < int(lengths.max()) == 10
     assert 0.0 < float((sequences == model.config.eos_token_id).any(1).float().mean()) < 1.0

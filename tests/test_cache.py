@@ -8,15 +8,12 @@ import torch
 from PIL import Image
 from tiny import tiny_model, tiny_processor
 
-from data import (
-    CaptionPairs,
-    cache_image_embeds,
-    image_embeds_of,
-    load_caption_dataset,
-    make_shapes_dataset,
-    weights_digest,
-)
+from clip_lstm_captioner import embedding_cache
+from clip_lstm_captioner.data import load_caption_dataset
+from clip_lstm_captioner.embedding_cache import cache_image_embeds, image_embeds_of, weights_digest
+from clip_lstm_captioner.shapes import make_shapes_dataset
 from processing import ImageLoadError, image_processor_for
+from train_accelerate import CaptionPairs
 
 
 @pytest.fixture()
@@ -113,12 +110,11 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path, shapes_folder):
 def test_a_crash_while_caching_leaves_no_cache_behind(tmp_path, shapes_folder, monkeypatch):
     split = load_caption_dataset(shapes_folder)["test"]
     model = tiny_model()
-    import data
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-cache")
 
-    monkeypatch.setattr(data, "_embed_images", crash)
+    monkeypatch.setattr(embedding_cache, "_embed_images", crash)
     with pytest.raises(RuntimeError, match="killed"):
         embed(split, model, tmp_path / "cache")
     monkeypatch.undo()

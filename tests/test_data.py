@@ -1,4 +1,4 @@
-"""Tests for data.py: every source, by-image splits, error messages and the shapes set.
+"""Tests for clip_lstm_captioner.data, splits, images and shapes: every source, by-image splits, error messages and the shapes set.
 
 All data is generated in tmp_path; nothing needs the network.
 """
@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
+from clip_lstm_captioner import data
+from clip_lstm_captioner import shapes as shapes_set
+from clip_lstm_captioner import splits as splitting
+from clip_lstm_captioner.images import image_problem
 from processing import ImageLoadError
 
 # --------------------------------------------------------------------------------------
@@ -109,15 +112,15 @@ def test_seeded_split_is_deterministic_and_ignores_file_order(tmp_path):
     (reordered / "captions.txt").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
     second = data.load_caption_dataset(reordered, seed=3)
     other_seed = data.load_caption_dataset(reordered, seed=4)
-    for split in data.SPLITS:
+    for split in splitting.SPLITS:
         assert first[split]["image_id"] == second[split]["image_id"]
     assert first["test"]["image_id"] != other_seed["test"]["image_id"]
 
 
 @pytest.mark.parametrize("num_images", [3, 4, 5, 9, 17, 8091])
 def test_seeded_split_never_empty(num_images):
-    splits = data.seeded_split([f"{i}.jpg" for i in range(num_images)], seed=0)
-    sizes = [len(splits[s]) for s in data.SPLITS]
+    splits = splitting.seeded_split([f"{i}.jpg" for i in range(num_images)], seed=0)
+    sizes = [len(splits[s]) for s in splitting.SPLITS]
     assert min(sizes) >= 1 and sum(sizes) == num_images
     assert sizes[1] == sizes[2] == (1000 if num_images >= 8000 else max(1, round(num_images / 8)))
 
@@ -132,15 +135,15 @@ def test_official_split_lists_are_used(tmp_path):
     root = kaggle_folder(tmp_path, num_images=12)
     names = [f"img_{i:03d}.jpg" for i in range(12)]
     lists = {"train": names[:6], "validation": names[6:8], "test": names[8:11]}  # img_011 is in no list
-    for split, file_name in data.FLICKR8K_SPLIT_FILES.items():
+    for split, file_name in splitting.FLICKR8K_SPLIT_FILES.items():
         (root / file_name).write_text("\n".join(lists[split]) + "\n")
     splits = data.load_caption_dataset(root)
-    assert {split: splits[split]["image_id"] for split in data.SPLITS} == lists
+    assert {split: splits[split]["image_id"] for split in splitting.SPLITS} == lists
 
 
 def test_image_in_two_lists_is_an_error(tmp_path):
     root = kaggle_folder(tmp_path, num_images=6)
-    for split, file_name in data.FLICKR8K_SPLIT_FILES.items():
+    for split, file_name in splitting.FLICKR8K_SPLIT_FILES.items():
         (root / file_name).write_text(
             {
                 "train": "img_000.jpg\nimg_001.jpg\n",
@@ -227,11 +230,11 @@ def test_image_check_accepts_jpeg_with_trailing_bytes_and_png(tmp_path):
     padded = tmp_path / "padded.jpg"
     padded.write_bytes(padded.read_bytes() + b"camera trailer")  # legal data after the EOI marker
     Image.new("RGBA", (8, 8)).save(tmp_path / "ok.png")
-    assert data.image_problem(padded) is None
-    assert data.image_problem(tmp_path / "ok.png") is None
+    assert image_problem(padded) is None
+    assert image_problem(tmp_path / "ok.png") is None
     broken_png = tmp_path / "broken.png"
     broken_png.write_bytes((tmp_path / "ok.png").read_bytes()[:-20])
-    assert str(broken_png) in data.image_problem(broken_png)
+    assert str(broken_png) in image_problem(broken_png)
 
 
 def test_on_bad_image_value_is_checked(tmp_path):
@@ -367,12 +370,12 @@ def test_unknown_caption_column_names_the_columns(tmp_path):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    return data.make_shapes_dataset(tmp_path_factory.mktemp("shapes") / "set", num_images=60, seed=0)
+    return shapes_set.make_shapes_dataset(tmp_path_factory.mktemp("shapes") / "set", num_images=60, seed=0)
 
 
 def test_shapes_is_byte_identical_for_a_seed(shapes, tmp_path):
-    again = data.make_shapes_dataset(tmp_path / "again", num_images=60, seed=0)
-    other = data.make_shapes_dataset(tmp_path / "other", num_images=60, seed=1)
+    again = shapes_set.make_shapes_dataset(tmp_path / "again", num_images=60, seed=0)
+    other = shapes_set.make_shapes_dataset(tmp_path / "other", num_images=60, seed=1)
     files = sorted(p.relative_to(shapes) for p in shapes.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert all((shapes / f).read_bytes() == (again / f).read_bytes() for f in files)
@@ -382,7 +385,7 @@ def test_shapes_is_byte_identical_for_a_seed(shapes, tmp_path):
 def test_shapes_loads_through_the_official_lists(shapes):
     splits = data.load_caption_dataset(shapes)
     assert_by_image(splits)
-    for split, file_name in data.FLICKR8K_SPLIT_FILES.items():
+    for split, file_name in splitting.FLICKR8K_SPLIT_FILES.items():
         assert splits[split]["image_id"] == (shapes / file_name).read_text().split()
 
 
@@ -391,7 +394,7 @@ def words_of(caption: str, vocabulary) -> list[str]:
 
 
 def test_shapes_captions_match_the_scenes(shapes):
-    scenes = data.read_scenes(shapes)
+    scenes = shapes_set.read_scenes(shapes)
     splits = data.load_caption_dataset(shapes)
     rows = {r["image_id"]: r["captions"] for split in splits.values() for r in split}
     assert set(rows) == set(scenes) and len(rows) == 60
@@ -403,9 +406,11 @@ def test_shapes_captions_match_the_scenes(shapes):
         assert all(objects[0]["area"] >= 1.6 * o["area"] for o in objects[1:])
         for caption in captions:
             # The first colour word is the largest object's colour; every colour and shape word is drawn.
-            assert words_of(caption, data.SHAPES_COLOURS)[0] == objects[0]["colour"], caption
-            assert set(words_of(caption, data.SHAPES_COLOURS)) <= {o["colour"] for o in objects}, caption
-            assert set(words_of(caption, data.SHAPES_KINDS)) <= {o["shape"] for o in objects}, caption
+            assert words_of(caption, shapes_set.SHAPES_COLOURS)[0] == objects[0]["colour"], caption
+            assert set(words_of(caption, shapes_set.SHAPES_COLOURS)) <= {o["colour"] for o in objects}, (
+                caption
+            )
+            assert set(words_of(caption, shapes_set.SHAPES_KINDS)) <= {o["shape"] for o in objects}, caption
             # Counts are true: "three shapes" for all objects, "two small shapes" for the others.
             number = {"one": 1, "two": 2, "three": 3}
             for count, small in re.findall(r"\b(one|two|three) (small )?shapes?\b", caption):
@@ -465,8 +470,8 @@ def check_sizes_positions_relations(caption: str, objects: dict) -> None:
 
 
 def test_shapes_pixels_match_the_scenes(shapes):
-    colours = {name: np.array(rgb) for name, rgb in data.SHAPES_COLOURS.items()}
-    for image_id, scene in list(data.read_scenes(shapes).items())[:20]:
+    colours = {name: np.array(rgb) for name, rgb in shapes_set.SHAPES_COLOURS.items()}
+    for image_id, scene in list(shapes_set.read_scenes(shapes).items())[:20]:
         pixels = np.asarray(Image.open(shapes / "Images" / image_id), dtype=np.int64)
         for obj in scene["objects"]:
             x0, y0, x1, y1 = obj["bbox"]
@@ -480,21 +485,21 @@ def test_shapes_pixels_match_the_scenes(shapes):
 
 
 def test_shapes_generation_is_atomic(tmp_path, monkeypatch):
-    real_write = data._write_shapes
+    real_write = shapes_set._write_shapes
 
     def interrupted(folder, *args):
         real_write(folder, *args)
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C just before the rename
 
-    monkeypatch.setattr(data, "_write_shapes", interrupted)
+    monkeypatch.setattr(shapes_set, "_write_shapes", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.make_shapes_dataset(tmp_path / "set", num_images=5)
+        shapes_set.make_shapes_dataset(tmp_path / "set", num_images=5)
     assert list(tmp_path.iterdir()) == []  # neither the set nor its temporary folder is left
-    monkeypatch.setattr(data, "_write_shapes", real_write)
-    root = data.make_shapes_dataset(tmp_path / "set", num_images=5)
+    monkeypatch.setattr(shapes_set, "_write_shapes", real_write)
+    root = shapes_set.make_shapes_dataset(tmp_path / "set", num_images=5)
     assert len(list((root / "Images").iterdir())) == 5
     with pytest.raises(ValueError, match="holds a shapes set made with"):
-        data.make_shapes_dataset(root, num_images=6)
+        shapes_set.make_shapes_dataset(root, num_images=6)
 
 
 def test_shapes_source_uses_the_cache_dir(tmp_path):
@@ -504,7 +509,7 @@ def test_shapes_source_uses_the_cache_dir(tmp_path):
         "validation": 250,
         "test": 250,
     }
-    assert (data.shapes_root(tmp_path) / "scenes.jsonl").is_file()
+    assert (shapes_set.shapes_root(tmp_path) / "scenes.jsonl").is_file()
 
 
 # --------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ def teacher_forced_log_probs(model, feats: torch.Tensor, sequence: list[int]) ->
 
 
 def teacher_forced_score(model, feats, sequence, length_penalty=1.0) -> float:
-    return float(teacher_forced_log_probs(model, feats, sequence).sum() / (len(sequence) - 1) ** length_penalty)
+    return float(
+        teacher_forced_log_probs(model, feats, sequence).sum() / (len(sequence) - 1) ** length_penalty
+    )
 
 
 def assert_well_formed(sequences: torch.Tensor):
@@ -104,15 +106,27 @@ def test_wide_beam_equals_exhaustive_search(length_penalty, early_stopping):
     assert len(captions) == 40
     feats = image_embeds(3, seed=3)
     out = model.generate(
-        image_embeds=feats, num_beams=len(captions), num_return_sequences=len(captions), max_new_tokens=3,
-        length_penalty=length_penalty, early_stopping=early_stopping, return_dict_in_generate=True, output_scores=True,
+        image_embeds=feats,
+        num_beams=len(captions),
+        num_return_sequences=len(captions),
+        max_new_tokens=3,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        return_dict_in_generate=True,
+        output_scores=True,
     )
     for i in range(3):
-        scored = sorted(((teacher_forced_score(model, feats[i], c, length_penalty), c) for c in captions), reverse=True)
+        scored = sorted(
+            ((teacher_forced_score(model, feats[i], c, length_penalty), c) for c in captions), reverse=True
+        )
         rows = out.sequences[i * 40 : (i + 1) * 40]
         assert [strip(r) for r in rows] == [c for _, c in scored]
-        torch.testing.assert_close(out.sequences_scores[i * 40 : (i + 1) * 40], torch.tensor([s for s, _ in scored]),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out.sequences_scores[i * 40 : (i + 1) * 40],
+            torch.tensor([s for s, _ in scored]),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize(
@@ -128,12 +142,15 @@ def test_wide_beam_equals_exhaustive_search(length_penalty, early_stopping):
 def test_sequences_scores_are_teacher_forced_log_probs_over_length_penalty(settings):
     model = peaked_model(seed=4)
     feats = image_embeds(4, seed=4)
-    out = model.generate(image_embeds=feats, max_new_tokens=7, return_dict_in_generate=True, output_scores=True,
-                         **settings)
+    out = model.generate(
+        image_embeds=feats, max_new_tokens=7, return_dict_in_generate=True, output_scores=True, **settings
+    )
     assert_well_formed(out.sequences)
     per_image = settings.get("num_return_sequences", 1)
     for row, (sequence, score) in enumerate(zip(out.sequences, out.sequences_scores, strict=True)):
-        expected = teacher_forced_score(model, feats[row // per_image], strip(sequence), settings["length_penalty"])
+        expected = teacher_forced_score(
+            model, feats[row // per_image], strip(sequence), settings["length_penalty"]
+        )
         assert abs(float(score) - expected) < 1e-5
 
 
@@ -141,11 +158,21 @@ def test_sequences_scores_are_teacher_forced_log_probs_over_length_penalty(setti
 def test_a_caption_does_not_depend_on_the_rest_of_the_batch(num_beams):
     model = peaked_model(seed=5)
     feats = image_embeds(8, seed=5)
-    batch = model.generate(image_embeds=feats, num_beams=num_beams, max_new_tokens=8, return_dict_in_generate=True,
-                           output_scores=True)
+    batch = model.generate(
+        image_embeds=feats,
+        num_beams=num_beams,
+        max_new_tokens=8,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     for i in range(8):
-        alone = model.generate(image_embeds=feats[i : i + 1], num_beams=num_beams, max_new_tokens=8,
-                               return_dict_in_generate=True, output_scores=True)
+        alone = model.generate(
+            image_embeds=feats[i : i + 1],
+            num_beams=num_beams,
+            max_new_tokens=8,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
         assert strip(alone.sequences[0]) == strip(batch.sequences[i])
         assert abs(float(alone.sequences_scores[0]) - float(batch.sequences_scores[i])) < 1e-5
 
@@ -154,7 +181,9 @@ def test_pixel_values_and_image_embeds_give_the_same_captions():
     model = peaked_model(seed=6)
     pixels = torch.randn(3, 3, 32, 32)
     feats = model.get_image_features(pixels)
-    assert torch.equal(model.generate(pixel_values=pixels, num_beams=3), model.generate(image_embeds=feats, num_beams=3))
+    assert torch.equal(
+        model.generate(pixel_values=pixels, num_beams=3), model.generate(image_embeds=feats, num_beams=3)
+    )
 
 
 # ----------------------------------------------------------------------------- transformers parity
@@ -231,8 +260,9 @@ def test_beam_search_matches_transformers_generation_mixin(eos_bias, settings):
     feats = image_embeds(6, seed=7)
     expected, hf_calls = transformers_beam_search(model, feats, max_new_tokens=12, **settings)
     counter = count_decoder_steps(model)
-    ours = model.generate(image_embeds=feats, max_new_tokens=12, return_dict_in_generate=True, output_scores=True,
-                          **settings)
+    ours = model.generate(
+        image_embeds=feats, max_new_tokens=12, return_dict_in_generate=True, output_scores=True, **settings
+    )
     assert [strip(s) for s in ours.sequences] == [strip(s) for s in expected.sequences]
     # 1e-5 absolute, or float32 rounding for the large scores of length_penalty < 0 (score x length)
     torch.testing.assert_close(ours.sequences_scores, expected.sequences_scores, atol=1e-5, rtol=1e-6)
@@ -264,14 +294,22 @@ def test_no_repeat_ngram_size_bans_repeated_bigrams(num_beams):
     feats = image_embeds(6, seed=8)
     free = model.generate(image_embeds=feats, num_beams=num_beams, max_new_tokens=12)
     assert any(has_repeated_bigram(strip(row)) for row in free)
-    banned = model.generate(image_embeds=feats, num_beams=num_beams, max_new_tokens=12, no_repeat_ngram_size=2)
+    banned = model.generate(
+        image_embeds=feats, num_beams=num_beams, max_new_tokens=12, no_repeat_ngram_size=2
+    )
     assert not any(has_repeated_bigram(strip(row)) for row in banned)
 
 
 def test_num_return_sequences_are_distinct_and_ordered():
     model = peaked_model(seed=9)
-    out = model.generate(image_embeds=image_embeds(2, seed=9), num_beams=4, num_return_sequences=4, max_new_tokens=6,
-                         return_dict_in_generate=True, output_scores=True)
+    out = model.generate(
+        image_embeds=image_embeds(2, seed=9),
+        num_beams=4,
+        num_return_sequences=4,
+        max_new_tokens=6,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     assert out.sequences.shape[0] == 8
     for i in range(2):
         rows = [tuple(strip(s)) for s in out.sequences[i * 4 : (i + 1) * 4]]
@@ -284,9 +322,13 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
     model = peaked_model(seed=10, scale=1.0)
     feats = image_embeds(4, seed=10)
     torch.manual_seed(0)
-    first = model.generate(image_embeds=feats, do_sample=True, num_beams=1, max_new_tokens=8, num_return_sequences=3)
+    first = model.generate(
+        image_embeds=feats, do_sample=True, num_beams=1, max_new_tokens=8, num_return_sequences=3
+    )
     torch.manual_seed(0)
-    again = model.generate(image_embeds=feats, do_sample=True, num_beams=1, max_new_tokens=8, num_return_sequences=3)
+    again = model.generate(
+        image_embeds=feats, do_sample=True, num_beams=1, max_new_tokens=8, num_return_sequences=3
+    )
     assert torch.equal(first, again) and first.shape[0] == 12
     assert_well_formed(first)
     assert len({tuple(strip(r)) for r in first}) > 4  # it really samples
@@ -322,5 +364,7 @@ def test_max_length_counts_the_bos_token():
     model = peaked_model(seed=11, eos_bias=-10.0)  # never ends early
     sequences = model.generate(image_embeds=image_embeds(2), num_beams=1, max_length=6)
     assert sequences.shape == (2, 6)
-    out = model.generate(image_embeds=image_embeds(2), num_beams=2, max_new_tokens=4, return_dict_in_generate=True)
+    out = model.generate(
+        image_embeds=image_embeds(2), num_beams=2, max_new_tokens=4, return_dict_in_generate=True
+    )
     assert out.sequences.shape == (2, 5) and out.sequences_scores is None

@@ -15,9 +15,17 @@ from modeling_clip_lstm import ClipLstmForImageCaptioning
 def test_default_config_is_vit_b32_with_clip_vocabulary():
     config = ClipLstmConfig()
     vision = config.vision_config
-    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (224, 32, 768, 12)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (
+        224,
+        32,
+        768,
+        12,
+    )
     assert config.image_feature == "pooled" and config.image_feature_dim == 768
-    assert config.vocab_size == 49409 and config.pad_token_id not in (config.eos_token_id, config.bos_token_id)
+    assert config.vocab_size == 49409 and config.pad_token_id not in (
+        config.eos_token_id,
+        config.bos_token_id,
+    )
     assert ClipLstmConfig(image_feature="projected").image_feature_dim == 512
 
 
@@ -25,7 +33,14 @@ def test_config_round_trip_keeps_every_hyperparameter(tmp_path):
     config = tiny_config(image_feature="projected", normalize_image_embeds=False, dropout=0.3, num_layers=3)
     config.save_pretrained(tmp_path)
     loaded = ClipLstmConfig.from_pretrained(tmp_path)
-    for name in ("image_feature", "normalize_image_embeds", "dropout", "num_layers", "embed_dim", "vocab_size"):
+    for name in (
+        "image_feature",
+        "normalize_image_embeds",
+        "dropout",
+        "num_layers",
+        "embed_dim",
+        "vocab_size",
+    ):
         assert getattr(loaded, name) == getattr(config, name)
     assert loaded.vision_config.to_dict() == config.vision_config.to_dict()
     assert isinstance(config.to_dict()["vision_config"], dict)
@@ -65,7 +80,9 @@ def test_logits_align_with_input_ids_and_loss_is_shifted_cross_entropy():
     feats = image_embeds(3)
     out = model(image_embeds=feats, input_ids=IDS, attention_mask=MASK, labels=LABELS)
     assert out.logits.shape == (3, 5, 12) and out.image_embeds.shape == (3, 32)
-    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 12), LABELS[:, 1:].reshape(-1), ignore_index=-100)
+    expected = F.cross_entropy(
+        out.logits[:, :-1].reshape(-1, 12), LABELS[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(out.loss, expected)
     # logits[:, t] depends on input_ids[:, :t+1] only: changing a later token leaves it unchanged
     changed = IDS.clone()
@@ -80,24 +97,37 @@ def test_eos_is_a_target_and_padding_is_not():
     feats = image_embeds(3)
     base = model(image_embeds=feats, input_ids=IDS, attention_mask=MASK, labels=IDS).loss
     # labels given without -100 at padding: the mask still keeps padding out of the loss
-    torch.testing.assert_close(base, model(image_embeds=feats, input_ids=IDS, attention_mask=MASK, labels=LABELS).loss)
+    torch.testing.assert_close(
+        base, model(image_embeds=feats, input_ids=IDS, attention_mask=MASK, labels=LABELS).loss
+    )
     # changing what sits in padded positions changes nothing
     other_pad = IDS.masked_fill(MASK == 0, 11)
-    torch.testing.assert_close(base, model(image_embeds=feats, input_ids=other_pad, attention_mask=MASK, labels=other_pad).loss)
+    torch.testing.assert_close(
+        base, model(image_embeds=feats, input_ids=other_pad, attention_mask=MASK, labels=other_pad).loss
+    )
     # the EOS label is scored: replacing it changes the loss
     no_eos = LABELS.clone()
     no_eos[1, 2] = 4
-    assert not torch.isclose(base, model(image_embeds=feats, input_ids=IDS, attention_mask=MASK, labels=no_eos).loss)
+    assert not torch.isclose(
+        base, model(image_embeds=feats, input_ids=IDS, attention_mask=MASK, labels=no_eos).loss
+    )
 
 
 def test_batch_is_cut_to_its_longest_caption():
     model = tiny_model()
     feats = image_embeds(2)
     short = IDS[1:]  # longest caption: 4 tokens, one pad column
-    padded = torch.cat([short, torch.full((2, 72), PAD)], dim=1)  # 77-token padding, as the original project did
+    padded = torch.cat(
+        [short, torch.full((2, 72), PAD)], dim=1
+    )  # 77-token padding, as the original project did
     out = model(image_embeds=feats, input_ids=padded, attention_mask=(padded != PAD).long(), labels=padded)
     assert out.logits.shape == (2, 4, 12)
-    ref = model(image_embeds=feats, input_ids=short[:, :4], attention_mask=(short[:, :4] != PAD).long(), labels=short[:, :4])
+    ref = model(
+        image_embeds=feats,
+        input_ids=short[:, :4],
+        attention_mask=(short[:, :4] != PAD).long(),
+        labels=short[:, :4],
+    )
     torch.testing.assert_close(out.loss, ref.loss)
     torch.testing.assert_close(out.logits, ref.logits)
 
@@ -152,9 +182,12 @@ def test_normalisation_is_a_config_flag_applied_inside_the_model():
     normalised = tiny_model(normalize_image_embeds=True)
     raw = tiny_model(normalize_image_embeds=False)
     torch.testing.assert_close(
-        normalised(image_embeds=feats, input_ids=IDS).logits, normalised(image_embeds=3 * feats, input_ids=IDS).logits
+        normalised(image_embeds=feats, input_ids=IDS).logits,
+        normalised(image_embeds=3 * feats, input_ids=IDS).logits,
     )
-    assert not torch.allclose(raw(image_embeds=feats, input_ids=IDS).logits, raw(image_embeds=3 * feats, input_ids=IDS).logits)
+    assert not torch.allclose(
+        raw(image_embeds=feats, input_ids=IDS).logits, raw(image_embeds=3 * feats, input_ids=IDS).logits
+    )
 
 
 def test_vision_tower_is_frozen_and_stays_in_eval_mode():
@@ -176,19 +209,38 @@ def test_forward_needs_input_ids():
 
 def test_from_clip_loads_pretrained_tower_weights_once(tmp_path):
     torch.manual_seed(3)
-    clip = CLIPModel(CLIPConfig(vision_config=TINY_VISION, text_config=dict(hidden_size=32, intermediate_size=64,
-                                                                             num_hidden_layers=1, num_attention_heads=2,
-                                                                             vocab_size=50), projection_dim=16))
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=TINY_VISION,
+            text_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=50,
+            ),
+            projection_dim=16,
+        )
+    )
     clip.save_pretrained(tmp_path / "clip")  # a full CLIP checkpoint, like openai/clip-vit-base-patch32
     for feature in ("pooled", "projected"):
         model = ClipLstmForImageCaptioning.from_clip(
-            str(tmp_path / "clip"), image_feature=feature, vocab_size=12, pad_token_id=PAD, bos_token_id=BOS,
-            eos_token_id=EOS, embed_dim=16, hidden_size=24,
+            str(tmp_path / "clip"),
+            image_feature=feature,
+            vocab_size=12,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            embed_dim=16,
+            hidden_size=24,
         )
         pixels = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
-            expected = clip.get_image_features(pixel_values=pixels) if feature == "projected" else (
-                clip.vision_model(pixel_values=pixels).pooler_output)
+            expected = (
+                clip.get_image_features(pixel_values=pixels)
+                if feature == "projected"
+                else (clip.vision_model(pixel_values=pixels).pooler_output)
+            )
         expected = getattr(expected, "pooler_output", expected)
         torch.testing.assert_close(model.get_image_features(pixels), expected)
         assert model.config.vision_config.hidden_size == 32
@@ -199,15 +251,23 @@ def test_from_clip_accepts_a_vision_only_folder(tmp_path):
     torch.manual_seed(4)
     tower = CLIPVisionModel(tiny_config().vision_config)
     tower.save_pretrained(tmp_path / "tower")
-    model = ClipLstmForImageCaptioning.from_clip(str(tmp_path / "tower"), vocab_size=12, pad_token_id=PAD,
-                                                 bos_token_id=BOS, eos_token_id=EOS)
-    for (name, a), b in zip(tower.state_dict().items(), model.vision_tower.state_dict().values(), strict=True):
+    model = ClipLstmForImageCaptioning.from_clip(
+        str(tmp_path / "tower"), vocab_size=12, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS
+    )
+    for (name, a), b in zip(
+        tower.state_dict().items(), model.vision_tower.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
 def test_from_clip_offline_hub_id_fails_in_one_line():
     with pytest.raises(OSError) as info:
-        ClipLstmForImageCaptioning.from_clip("openai/clip-vit-base-patch32", vocab_size=12, pad_token_id=PAD,
-                                             bos_token_id=BOS, eos_token_id=EOS)
+        ClipLstmForImageCaptioning.from_clip(
+            "openai/clip-vit-base-patch32",
+            vocab_size=12,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+        )
     message = str(info.value)
     assert "\n" not in message and "openai/clip-vit-base-patch32" in message and "local folder" in message

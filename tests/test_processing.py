@@ -27,7 +27,9 @@ def test_transparent_pixels_are_composited_on_white():
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (255, 0, 0, 255))
     rgb = to_rgb(rgba)
-    assert rgb.mode == "RGB" and rgb.getpixel((1, 1)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (255, 0, 0)
+    assert (
+        rgb.mode == "RGB" and rgb.getpixel((1, 1)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (255, 0, 0)
+    )
     assert to_rgb(Image.new("LA", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
     palette = Image.new("P", (2, 2), 0)
     palette.putpalette([10, 20, 30] + [0, 0, 0] * 255)
@@ -74,7 +76,9 @@ def test_unreadable_files_raise_one_line_naming_the_file(tmp_path, content, reas
 
 def test_truncated_jpeg_raises(tmp_path):
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        buffer, "JPEG"
+    )
     path = tmp_path / "cut.jpg"
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with pytest.raises(ImageLoadError, match="cut.jpg"):
@@ -180,7 +184,10 @@ def test_clip_tokenizer_gets_a_pad_token_distinct_from_eos(tmp_path):
     size = write_clip_tokenizer(tmp_path, num_merges=300)
     tokenizer = load_clip_tokenizer(str(tmp_path))
     assert len(tokenizer) == size + 1
-    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id)
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id not in (
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+    )
     processor = ClipLstmProcessor(image_processor_for(CLIPVisionConfig(**TINY_VISION)), tokenizer)
     batch = processor(text=["a dog", "a dog runs on grass"])
     first = batch["input_ids"][0].tolist()

@@ -7,9 +7,9 @@ trained, matching each image to its caption among the others in a batch (symmetr
 on the training split only, then freezes it and trains the LSTM decoder on top, as with the real
 CLIP. The text side is a bag of words: it only has to tell the tower which words matter.
 
-    >>> folder = pretrained_tower_folder(splits["train"], tokenizer, CLIPVisionConfig(**DEMO_VISION_CONFIG),
-    ...                                  cache_dir=default_cache_dir())
-    >>> model = ClipLstmForImageCaptioning.from_clip(str(folder), ...)
+    folder = pretrained_tower_folder(splits["train"], tokenizer, CLIPVisionConfig(**DEMO_VISION_CONFIG),
+                                     cache_dir=default_cache_dir())
+    model = ClipLstmForImageCaptioning.from_clip(str(folder), ...)
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from data import ImageFiles, collate_pixels
-from processing import ImageLoadError, image_processor_for
+from processing import image_processor_for
+
+from .files import write_text_atomic
+from .images import pixel_batches
 
 
 class BagOfWordsText(nn.Module):
@@ -50,14 +52,8 @@ class BagOfWordsText(nn.Module):
 def _all_pixels(split: datasets.Dataset, image_processor) -> torch.Tensor:
     """(N, 3, H, W) preprocessed pixels of every image of the split, decoded once."""
     sources = split.cast_column("image", datasets.Image(decode=False))["image"]
-    loader = torch.utils.data.DataLoader(ImageFiles(sources, image_processor), batch_size=256,
-                                         num_workers=min(4, os.cpu_count() or 1), collate_fn=collate_pixels)
-    batches = []
-    for pixels, _, problems in loader:
-        if problems:
-            raise ImageLoadError(problems[0][1])
-        batches.append(pixels)
-    return torch.cat(batches)
+    batches = pixel_batches(sources, image_processor, batch_size=256, num_workers=min(4, os.cpu_count() or 1))
+    return torch.cat([pixels for pixels, _ in batches])
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor):
@@ -69,14 +65,20 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
 
 
 def pretrain_vision_tower(
-    split: datasets.Dataset, tokenizer, vision_config: CLIPVisionConfig, *, steps: int = 400,
-    batch_size: int = 128, learning_rate: float = 1e-3, seed: int = 0,
+    split: datasets.Dataset,
+    tokenizer,
+    vision_config: CLIPVisionConfig,
+    *,
+    steps: int = 400,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
 ) -> tuple[CLIPVisionModelWithProjection, list[float]]:
     """Train a CLIP vision tower from scratch on `split`'s images and captions (one random caption
     of each sampled image per step); returns it in eval mode and the loss of every step.
 
     Example:
-        >>> tower, losses = pretrain_vision_tower(splits["train"], tokenizer, CLIPVisionConfig(image_size=96))
+        tower, losses = pretrain_vision_tower(splits["train"], tokenizer, CLIPVisionConfig(image_size=96))
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -87,12 +89,16 @@ def pretrain_vision_tower(
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
     parameters = [*tower.parameters(), *text.parameters(), logit_scale]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1
+    )
     tower.train()
     losses = []
     for _ in tqdm(range(steps), desc="pre-training the demo's CLIP tower", unit="step"):
         images = torch.randint(0, len(captions), (batch_size,), generator=generator).tolist()
-        picked = [captions[i][int(torch.randint(0, len(captions[i]), (1,), generator=generator))] for i in images]
+        picked = [
+            captions[i][int(torch.randint(0, len(captions[i]), (1,), generator=generator))] for i in images
+        ]
         loss = contrastive_loss(tower(pixel_values=pixels[images]).image_embeds, text(picked), logit_scale)
         optimizer.zero_grad()
         loss.backward()
@@ -102,8 +108,9 @@ def pretrain_vision_tower(
     return tower.eval(), losses
 
 
-def pretrained_tower_folder(split, tokenizer, vision_config, *, cache_dir: str | os.PathLike, steps: int = 400,
-                            seed: int = 0) -> Path:
+def pretrained_tower_folder(
+    split, tokenizer, vision_config, *, cache_dir: str | os.PathLike, steps: int = 400, seed: int = 0
+) -> Path:
     """A folder holding the pre-trained tower (`save_pretrained`), trained on first use and reused after.
 
     The folder's name hashes everything the result depends on: the training rows, the caption
@@ -111,8 +118,13 @@ def pretrained_tower_folder(split, tokenizer, vision_config, *, cache_dir: str |
     and renamed into place, so an interrupted run leaves nothing that a later run would trust.
     """
     key = hashlib.blake2b(digest_size=12)
-    for part in (split._fingerprint, json.dumps(tokenizer.get_vocab(), sort_keys=True),
-                 vision_config.to_json_string(), steps, seed):
+    for part in (
+        split._fingerprint,
+        json.dumps(tokenizer.get_vocab(), sort_keys=True),
+        vision_config.to_json_string(),
+        steps,
+        seed,
+    ):
         key.update(str(part).encode())
     folder = Path(cache_dir) / "encoders" / f"shapes-clip-{key.hexdigest()}"
     if (folder / "config.json").exists():
@@ -121,6 +133,6 @@ def pretrained_tower_folder(split, tokenizer, vision_config, *, cache_dir: str |
     shutil.rmtree(temporary, ignore_errors=True)
     tower, losses = pretrain_vision_tower(split, tokenizer, vision_config, steps=steps, seed=seed)
     tower.save_pretrained(temporary)
-    (temporary / "pretraining_losses.json").write_text(json.dumps(losses))
+    write_text_atomic(temporary / "pretraining_losses.json", json.dumps(losses))
     os.replace(temporary, folder)
     return folder

@@ -4,7 +4,7 @@ One commit holds the weights (safetensors, optionally float16), `config.json` wi
 `generation_config.json`, the processor and tokenizer files, the three code files and a model card
 (`README.md`) with YAML metadata, a usage snippet, evaluation results and the training settings.
 
-    from publishing import publish
+    from clip_lstm_captioner.publishing import publish
     publish("outputs/flickr8k", "me/clip-lstm-flickr8k", float16=True)   # report.json, training_args.json: read from the folder
 
 `train_accelerate.py --push_to_hub` and `evaluate_model.py --push_to_hub` both call `publish`.
@@ -25,6 +25,9 @@ from safetensors import safe_open
 from modeling_clip_lstm import ClipLstmForImageCaptioning
 from processing import ClipLstmProcessor, is_hub_id
 
+from .files import write_text_atomic
+from .reports import METRICS
+
 CODE_FILES = ("configuration_clip_lstm.py", "modeling_clip_lstm.py", "processing.py")
 # Without any of these, AutoModel / AutoProcessor.from_pretrained(repo, trust_remote_code=True) fails.
 REQUIRED_FILES = (
@@ -39,23 +42,13 @@ TRAINING_ARGS_FILE = "training_args.json"
 REPORT_FILE = "report.json"
 DEFAULT_COMMIT_MESSAGE = "Upload CLIP-LSTM captioner"
 LICENSE = "apache-2.0"
-# report.json metric key -> (Hub metric id, name shown on the Hub)
-METRICS = {
-    "bleu_1": ("bleu", "BLEU-1"),
-    "bleu_2": ("bleu", "BLEU-2"),
-    "bleu_3": ("bleu", "BLEU-3"),
-    "bleu_4": ("bleu", "BLEU-4"),
-    "meteor": ("meteor", "METEOR"),
-    "rouge_l": ("rouge", "ROUGE-L"),
-    "cider": ("cider", "CIDEr"),
-}
 FLICKR8K_TERMS = (
     "Flickr8k (Hodosh, Young and Hockenmaier, 2013): 8,091 Flickr photos with five crowd-sourced captions "
     "each. The dataset is distributed for research use only and its images belong to their Flickr owners; "
     "check those terms before using this model, or captions it writes, beyond research."
 )
 SHAPES_TERMS = (
-    "the project's own synthetic `shapes` set: scenes of coloured shapes drawn by `data.make_shapes_dataset` "
+    "the project's own synthetic `shapes` set: scenes of coloured shapes drawn by `clip_lstm_captioner.shapes.make_shapes_dataset` "
     "with template captions. It contains no third-party images or text and is released with the project "
     "(Apache-2.0)."
 )
@@ -147,7 +140,7 @@ def model_index(
     metrics = _metrics_of(report, model_key)
     entries = [
         {"type": hub_id, "name": label, "value": round(float(metrics[key]), 4)}
-        for key, (hub_id, label) in METRICS.items()
+        for key, (label, hub_id) in METRICS.items()
         if _is_number(metrics.get(key))
     ]
     if not entries:
@@ -211,7 +204,7 @@ def _evaluation(report: dict | None) -> str:
     if isinstance(generation, dict) and generation:
         facts.append("decoding: " + ", ".join(f"{k}={v}" for k, v in generation.items()))
     return "\n\n".join(
-        ["## Evaluation", "; ".join(facts), _table(["model"] + [METRICS[k][1] for k in keys], rows)]
+        ["## Evaluation", "; ".join(facts), _table(["model"] + [METRICS[k][0] for k in keys], rows)]
     )
 
 
@@ -300,8 +293,8 @@ def write_model_card(
     evaluate_model.py's report (dict or path), `training_args` the run's saved arguments.
 
     Example:
-        >>> write_model_card("outputs/run", report="outputs/run/report.json", repo_id="me/clip-lstm")
-        PosixPath('outputs/run/README.md')
+        write_model_card("outputs/run", report="outputs/run/report.json", repo_id="me/clip-lstm")
+        # -> PosixPath('outputs/run/README.md')
     """
     folder = Path(folder)
     report, training_args = _read_json(report), _read_json(training_args)
@@ -325,7 +318,7 @@ def write_model_card(
         _metadata(report, training_args, dataset, repo_id), sort_keys=False, allow_unicode=True
     )
     path = folder / "README.md"
-    path.write_text(f"---\n{front_matter}---\n\n" + "\n\n".join(sections) + "\n")
+    write_text_atomic(path, f"---\n{front_matter}---\n\n" + "\n\n".join(sections) + "\n")
     return path
 
 
@@ -348,8 +341,8 @@ def save_for_hub(
     keeps `dtype: float32`, so `from_pretrained` upcasts them unless the user asks for another dtype.
 
     Example:
-        >>> save_for_hub(model, processor, "to_upload", float16=True)
-        ['README.md', 'config.json', ...]
+        save_for_hub(model, processor, "to_upload", float16=True)
+        # -> ['README.md', 'config.json', ...]
     """
     folder = Path(folder)
     state_dict = None
@@ -389,8 +382,8 @@ def publish(
     logged-in token. Returns the commit (a str: its URL).
 
     Example:
-        >>> publish("outputs/flickr8k", "me/clip-lstm-flickr8k", float16=True).commit_url
-        'https://huggingface.co/me/clip-lstm-flickr8k/commit/...'
+        publish("outputs/flickr8k", "me/clip-lstm-flickr8k", float16=True).commit_url
+        # -> 'https://huggingface.co/me/clip-lstm-flickr8k/commit/...'
     """
     if constants.is_offline_mode():
         raise RuntimeError("cannot publish with HF_HUB_OFFLINE=1 set; unset it to reach the Hub")

@@ -1,0 +1,178 @@
+"""Small command-line helpers shared by the scripts: the error boundary, argument types, device and
+worker defaults, the Hub probe, and the one way to load a trained captioner.
+
+    >>> positive_int("3"), default_device("cpu")
+    (3, device(type='cpu'))
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from huggingface_hub import HfApi, constants
+
+from modeling_clip_lstm import ClipLstmForImageCaptioning
+from processing import CaptionerError, ClipLstmProcessor, first_line, is_hub_id
+
+from .errors import UsageError
+
+T = TypeVar("T")
+
+# Where the offline demo (`train_accelerate.py --demo`) writes its run; the trained model is its model/.
+DEMO_OUTPUT_DIR = Path(__file__).resolve().parent.parent / "outputs" / "demo"
+MODEL_FOLDER = "model"  # inside a run folder: the best model, loadable with from_pretrained
+DEMO_MODEL_DIR = DEMO_OUTPUT_DIR / MODEL_FOLDER
+DEMO_COMMAND = "python train_accelerate.py --demo"
+MODEL_HINT = (
+    "pass a folder saved by train_accelerate.py (its run folder's model/; the offline demo makes "
+    f"outputs/demo/model with `{DEMO_COMMAND}`)"
+)
+
+
+# ----------------------------------------------------------------------------- the error boundary
+
+
+def run_cli(work: Callable[..., T], prog: str, *args) -> T:
+    """`work(*args)`; a user error (`CaptionerError`) prints `<prog>: error: <one line>` and exits 2.
+
+    Anything else is a bug and keeps its traceback. The exit is argparse's own (`SystemExit(2)`), so
+    a script's `main(argv)` behaves the same from the shell and when a test calls it.
+
+    >>> def bad():
+    ...     raise UsageError("--batch_size must be >= 1, got 0")
+    >>> run_cli(bad, "demo.py")
+    Traceback (most recent call last):
+    ...
+    SystemExit: 2
+    """
+    try:
+        return work(*args)
+    except CaptionerError as error:
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def loading(what: str) -> Iterator[None]:
+    """Turn a loader's OSError (offline Hub, missing or broken files) into a `UsageError` naming `what`.
+
+    >>> with loading("--vision_model x"):
+    ...     raise OSError("no route to host")
+    Traceback (most recent call last):
+    ...
+    clip_lstm_captioner.errors.UsageError: --vision_model x: OSError: no route to host
+    """
+    try:
+        yield
+    except OSError as error:
+        raise UsageError(f"{what}: {first_line(error)}") from None
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, refused with the value in the message."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- machine defaults
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """`name` as a torch device ("auto" or None: cuda when available, else cpu); a bad name is a UsageError."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a torch device (try cpu or cuda)") from None
+
+
+def default_num_workers(requested: int | None = None) -> int:
+    """Image-decoding worker processes: `requested`, else one per CPU core up to 8.
+
+    >>> default_num_workers(3)
+    3
+    """
+    return min(8, os.cpu_count() or 1) if requested is None else requested
+
+
+# ----------------------------------------------------------------------------- the Hub and loading
+
+
+def hub_unreachable(repo_id: str, repo_type: str = "model") -> str | None:
+    """Why the Hub cannot serve `repo_id` (one line), or None when it can or offline mode is set.
+
+    The libraries retry an unreachable Hub for tens of seconds; one short request tells at once.
+    """
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=5)
+    except Exception as error:  # network, HTTP and not-found errors all mean "cannot load it"
+        return first_line(error)
+    return None
+
+
+def load_pretrained(loader, source: str, what: str, hint: str):
+    """`loader(source)` for a local folder or a Hub id; every failure becomes one `UsageError` line.
+
+    >>> load_pretrained(print, "no/such/dir/here", "--model", "pass a folder")
+    Traceback (most recent call last):
+    ...
+    clip_lstm_captioner.errors.UsageError: --model 'no/such/dir/here': no such folder; pass a folder
+    """
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            nested = " (its model/ subfolder has one)" if (folder / "model" / "config.json").is_file() else ""
+            raise UsageError(f"{what} {source!r}: the folder has no config.json{nested}; {hint}")
+        source = str(folder)
+    elif not is_hub_id(source):
+        raise UsageError(f"{what} {source!r}: no such folder; {hint}")
+    elif reason := hub_unreachable(source):
+        raise UsageError(
+            f"{what} {source!r}: no such folder, and the Hugging Face Hub cannot serve it ({reason}); {hint}"
+        )
+    try:
+        return loader(source)
+    except Exception as error:  # offline, missing or broken files: one line, not a traceback
+        where = "its folder" if folder.is_dir() else "the Hugging Face Hub (offline, or no such repo)"
+        raise UsageError(f"cannot load {what} {source!r} from {where}: {first_line(error)}; {hint}") from None
+
+
+def load_captioner(
+    source: str, device: torch.device | str | None = None, what: str = "--model"
+) -> tuple[ClipLstmForImageCaptioning, ClipLstmProcessor]:
+    """Our model (eval mode, on `device`) and processor from a saved folder or a Hub repo made by publishing.py.
+
+    Loaded with this project's own classes, so a Hub repo's code is not run.
+
+        model, processor = load_captioner("outputs/demo/model")
+    """
+
+    def loader(path):
+        model = ClipLstmForImageCaptioning.from_pretrained(path)
+        return model.eval(), ClipLstmProcessor.from_pretrained(path, trust_remote_code=False)
+
+    model, processor = load_pretrained(loader, source, what, MODEL_HINT)
+    return (model.to(device) if device is not None else model), processor

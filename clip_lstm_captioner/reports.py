@@ -1,0 +1,227 @@
+"""Evaluation reports: the metric table (one source of labels), report.json/.md, captions.jsonl, galleries.
+
+Nothing here touches a model: `write_report` takes the numbers and captions that
+evaluate_model.py produced and writes them; publishing.py reads the same `METRICS` table to
+build the model card. Every file is written atomically.
+
+    >>> [label for label, _ in METRICS.values()][:4]
+    ['BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4']
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import importlib.metadata
+import io
+import json
+import math
+import platform
+import textwrap
+from pathlib import Path
+
+import datasets
+from matplotlib.figure import Figure
+
+from processing import load_image
+
+from .files import atomic_write, write_text_atomic
+
+# report.json metric keys, in the order of published caption tables: (column name, Hub metric type)
+METRICS = {
+    "bleu_1": ("BLEU-1", "bleu"),
+    "bleu_2": ("BLEU-2", "bleu"),
+    "bleu_3": ("BLEU-3", "bleu"),
+    "bleu_4": ("BLEU-4", "bleu"),
+    "meteor": ("METEOR", "meteor"),
+    "rouge_l": ("ROUGE-L", "rouge"),
+    "cider": ("CIDEr", "cider"),
+}
+METRIC_LABELS = {key: label for key, (label, _) in METRICS.items()}
+OURS, BLIP, BASELINE = "ours", "blip", "most_frequent_caption"
+VERSIONED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "pycocoevalcap")
+THUMBNAIL_PIXELS = 256  # longest side of a gallery thumbnail
+REPORT_FILES = ("report.json", "report.md", "captions.jsonl", "gallery.html", "gallery.png")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages behind the numbers (absent packages left out).
+
+    Example:
+        >>> sorted(package_versions())[:3]
+        ['accelerate', 'datasets', 'evaluate']
+    """
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+# ----------------------------------------------------------------------------- writing the results
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def display_name(key: str) -> str:
+    """How a `report["models"]` key is shown in report.md and the gallery."""
+    return {OURS: "ours", BLIP: "BLIP", BASELINE: "most frequent training caption"}.get(key, key)
+
+
+def _row_label(key: str, row: dict) -> str:
+    return f"{display_name(key)}: {row['model']}".replace("|", "\\|")
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: facts, then the side-by-side table with metrics x100 as caption papers print them."""
+    generation = report["generation"]
+    lines = [
+        f"# Caption metrics: {report['dataset']}, {report['split']} split ({report['num_images']} images)",
+        "",
+        f"Decoding: beam {generation['num_beams']}, at most {generation['max_new_tokens']} new tokens; "
+        f"images captioned from {report['captioned_from']}. Metrics: coco-caption BLEU-1..4, METEOR, "
+        f"ROUGE-L and CIDEr-D, x100, each image scored once against all its references "
+        f"(tokenize={report['metric']['tokenize']}).",
+        "",
+        "| model | " + " | ".join(METRIC_LABELS.values()) + " | images/s | seconds |",
+        "|---|" + "---:|" * (len(METRIC_LABELS) + 2),
+    ]
+    for key, row in report["models"].items():
+        speed = "–" if row.get("images_per_s") is None else f"{row['images_per_s']:.1f}"
+        seconds = "–" if row.get("seconds") is None else f"{row['seconds']:.2f}"
+        metrics = " | ".join(_percent(row.get(name)) for name in METRIC_LABELS)
+        lines.append(f"| {_row_label(key, row)} | {metrics} | {speed} | {seconds} |")
+    reasons = {
+        row["meteor_unavailable"] for row in report["models"].values() if row.get("meteor_unavailable")
+    }
+    if reasons:
+        lines += ["", f"METEOR not computed: {'; '.join(sorted(reasons))}."]
+    if report.get("shapes"):
+        lines += ["", "| shapes set | colour of the largest object | its shape |", "|---|---:|---:|"]
+        lines += [
+            f"| {display_name(key)} | {_percent(s['colour_accuracy'])} | {_percent(s['shape_accuracy'])} |"
+            for key, s in report["shapes"].items()
+        ]
+    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
+    return "\n".join(lines + ["", f"Versions: {versions}.", ""])
+
+
+def write_captions_jsonl(
+    path: Path, image_ids: list[str], references: list[list[str]], captions: dict
+) -> None:
+    """One line per image: image id, all references, each model's caption."""
+    with atomic_write(path, encoding="utf-8") as file:
+        for row, (image_id, refs) in enumerate(zip(image_ids, references, strict=True)):
+            line = {
+                "image_id": image_id,
+                "references": refs,
+                **{key: caps[row] for key, caps in captions.items()},
+            }
+            file.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def gallery_rows(num_images: int, num_gallery: int) -> list[int]:
+    """`num_gallery` row indices spread evenly over the split (not just its first images).
+
+    Example:
+        >>> gallery_rows(250, 4)
+        [0, 62, 125, 187]
+    """
+    count = min(num_gallery, num_images)
+    return sorted({i * num_images // count for i in range(count)}) if count > 0 else []
+
+
+def _thumbnail_base64(image) -> str:
+    thumbnail = load_image(image).copy()
+    thumbnail.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="JPEG", quality=85)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_gallery_html(path: Path, title: str, items: list[dict]) -> None:
+    """A self-contained page: each image as a base64 JPEG with each model's caption and the references."""
+    figures = []
+    for item in items:
+        captions = "".join(
+            f"<dt>{html.escape(name)}</dt><dd>{html.escape(caption)}</dd>"
+            for name, caption in item["captions"].items()
+        )
+        references = "".join(f"<li>{html.escape(ref)}</li>" for ref in item["references"])
+        figures.append(
+            f'<figure><img src="data:image/jpeg;base64,{_thumbnail_base64(item["image"])}" '
+            f'alt="{html.escape(item["image_id"])}"><figcaption><b>{html.escape(item["image_id"])}</b>'
+            f"<dl>{captions}<dt>references</dt><dd><ul>{references}</ul></dd></dl></figcaption></figure>"
+        )
+    style = (
+        "body{font-family:sans-serif;margin:1.5em}"
+        ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:1em}"
+        "figure{margin:0;padding:.5em;border:1px solid #ddd;border-radius:6px}img{max-width:100%}"
+        "dt{font-weight:bold;margin-top:.4em}dd{margin-left:.8em}ul{padding-left:1.1em;margin:0}"
+    )
+    write_text_atomic(
+        path,
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
+        f'<div class="grid">\n' + "\n".join(figures) + "\n</div></body></html>\n",
+    )
+
+
+def _gallery_text(item: dict) -> str:
+    """Each model's caption and the first reference, wrapped to the cell width, at most 3 lines each."""
+    lines = [f"{name}: {caption}" for name, caption in item["captions"].items()]
+    lines.append(f"reference: {item['references'][0]}")
+    return "\n".join(textwrap.fill(textwrap.shorten(line, 130), 46) for line in lines)
+
+
+def write_gallery_png(path: Path, title: str, items: list[dict]) -> None:
+    """A matplotlib grid (up to 4 columns) of the gallery images, each with its captions below it."""
+    columns = min(4, max(len(items), 1))
+    rows = max(math.ceil(len(items) / columns), 1)
+    figure = Figure(figsize=(4.0 * columns, 5.2 * rows + 0.4))  # no pyplot: no global state, no GUI backend
+    # two grid rows per gallery row: the image, then a text panel that the captions cannot overflow
+    axes = figure.subplots(2 * rows, columns, squeeze=False, gridspec_kw={"height_ratios": [3.6, 1.6] * rows})
+    for axis in axes.flat:
+        axis.axis("off")
+    for index, item in enumerate(items):
+        row, column = divmod(index, columns)
+        axes[2 * row, column].imshow(load_image(item["image"]))
+        axes[2 * row + 1, column].text(0.0, 1.0, _gallery_text(item), va="top", ha="left", fontsize=8)
+    figure.suptitle(title)
+    figure.subplots_adjust(
+        left=0.02, right=0.98, top=1 - 0.4 / figure.get_figheight(), bottom=0.01, hspace=0.05, wspace=0.08
+    )
+    with atomic_write(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=90)
+
+
+def write_gallery(
+    folder: Path, title: str, split: datasets.Dataset, captions: dict, num_gallery: int
+) -> None:
+    """gallery.html and gallery.png for `num_gallery` images spread over the split."""
+    items = [
+        {
+            "image": split[row]["image"],
+            "image_id": split[row]["image_id"],
+            "references": split[row]["captions"],
+            "captions": {display_name(key): caps[row] for key, caps in captions.items()},
+        }
+        for row in gallery_rows(split.num_rows, num_gallery)
+    ]
+    write_gallery_html(folder / "gallery.html", title, items)
+    write_gallery_png(folder / "gallery.png", title, items)
+
+
+def write_report(
+    folder: Path, report: dict, split: datasets.Dataset, captions: dict, num_gallery: int
+) -> None:
+    """Write every file of `REPORT_FILES` into `folder`: the numbers, every caption, the gallery."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(folder / "report.md", render_markdown(report))
+    write_captions_jsonl(folder / "captions.jsonl", split["image_id"], split["captions"], captions)
+    title = f"{report['dataset']} {report['split']}: captions and references"
+    write_gallery(folder, title, split, captions, num_gallery)
