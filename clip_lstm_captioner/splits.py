@@ -1,4 +1,6 @@
-"""Train/validation/test splits, always by image: official lists, Karpathy JSON, or seeded.
+"""Train/validation/test splits, always by image: official lists, Karpathy JSON, a split column, or seeded.
+
+Whichever source decides the split is logged once per load (`log_split_source`).
 
 >>> {name: len(ids) for name, ids in seeded_split([f"{i}.jpg" for i in range(40)]).items()}
 {'train': 30, 'validation': 5, 'test': 5}
@@ -6,12 +8,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 
 from .errors import DatasetFormatError
+from .layouts import karpathy_entries, karpathy_id, karpathy_json
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,8 @@ FLICKR8K_SPLIT_FILES = {
 }
 # Karpathy's dataset_*.json split names; "restval" is extra training data.
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
+OFFICIAL_LISTS = "the official split lists (Flickr_8k.*Images.txt)"
+SPLIT_COLUMN = "the 'split' column"
 # Folder / Hub split names accepted as aliases of ours.
 SPLIT_ALIASES = {
     "train": "train",
@@ -86,20 +90,53 @@ def read_split_lists(root: Path) -> dict[str, list[str]] | None:
 
 
 def read_karpathy_json(root: Path) -> dict[str, list[str]] | None:
-    """Splits from a Karpathy `dataset_*.json` in `root` (restval goes to train), or None."""
-    found = sorted(root.glob("dataset_*.json"))
-    if not found:
+    """Splits from a Karpathy `dataset_*.json` in `root` (restval goes to train), or None.
+
+    COCO entries are named `filepath/filename` (val2014/COCO_val2014_....jpg), Flickr ones by file name.
+    """
+    found = karpathy_json(root)
+    if found is None:
         return None
-    if len(found) > 1:
-        raise DatasetFormatError(
-            f"{root}: several Karpathy split files ({', '.join(p.name for p in found)}); keep one"
-        )
-    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for entry in json.loads(found[0].read_text())["images"]:
-        if entry["split"] not in KARPATHY_SPLITS:
-            raise DatasetFormatError(f"{found[0]}: unknown split {entry['split']!r} for {entry['filename']}")
-        splits[KARPATHY_SPLITS[entry["split"]]].append(entry["filename"])
-    return splits
+    column = {karpathy_id(entry): entry["split"] for entry in karpathy_entries(found)}
+    return splits_from_column(column, str(found), KARPATHY_SPLITS)
+
+
+def splits_from_column(
+    split_of: dict[str, str], source: str, names: dict | None = None
+) -> dict[str, list[str]]:
+    """Lists from each image's split name (train/restval/val/validation/dev/test), in `split_of`'s order.
+
+    Example:
+        >>> splits_from_column({"a.jpg": "train", "b.jpg": "val", "c.jpg": "restval"}, "x")
+        {'train': ['a.jpg', 'c.jpg'], 'validation': ['b.jpg'], 'test': []}
+    """
+    names = names or {**SPLIT_ALIASES, "restval": "train"}
+    lists: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for image_id, name in split_of.items():
+        if name not in names:
+            raise DatasetFormatError(
+                f"{source}: unknown split {name!r} for {image_id} (expected one of {', '.join(names)})"
+            )
+        lists[names[name]].append(image_id)
+    return lists
+
+
+def halved(image_ids, seed: int) -> tuple[list[str], list[str]]:
+    """Split ids in two halves by a seeded shuffle (COCO's val2014 -> validation, test).
+
+    Example:
+        >>> [len(half) for half in halved([f"{i}.jpg" for i in range(7)], seed=0)]
+        [3, 4]
+    """
+    ids = sorted(set(image_ids))
+    random.Random(seed).shuffle(ids)
+    return sorted(ids[: len(ids) // 2]), sorted(ids[len(ids) // 2 :])
+
+
+def log_split_source(source: str, how: str, splits: dict[str, list[str]]) -> None:
+    """One log line per load saying which source decided the split (issue: it must always be said)."""
+    sizes = " / ".join(f"{split} {len(splits[split])}" for split in SPLITS)
+    logger.info("%s: splits from %s (%s images)", source, how, sizes)
 
 
 def apply_split_lists(lists: dict[str, list[str]], image_ids, source: str) -> dict[str, list[str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import re
@@ -541,3 +542,508 @@ def test_unknown_source_is_a_clear_error():
     with pytest.raises(data.DatasetFormatError, match="no such folder and not a Hub dataset id") as error:
         data.load_caption_dataset("./no/such/folder")
     assert "'shapes'" in one_line(error)
+
+
+# --------------------------------------------------------------------------------------
+# Public layouts, each fixture in exactly the format its users hold (issue 10 items 1-7)
+# --------------------------------------------------------------------------------------
+
+FLICKR_NAMES = [
+    "1000268201_693b08cb0e.jpg",
+    "1001773457_577c3a7d70.jpg",
+    "1002674143_1b742ab4b8.jpg",
+    "1003163366_44323f5815.jpg",
+    "1007129816_e794419615.jpg",
+    "1007320043_627395c3d8.jpg",
+    "1009434119_febe49276a.jpg",
+    "1012212859_01547e3f17.jpg",
+    "1015118661_980735411b.jpg",
+    "1015584366_dfcec3c85a.jpg",
+    "101654506_8eb26cfb60.jpg",
+    "101669240_b2d3e7f17b.jpg",
+]
+# The UIUC token file's caption group whose "image" does not exist.
+UIUC_GHOST = "2258277193_586949ec62.jpg.1"
+
+
+def flickr_captions(name: str) -> list[str]:
+    """Five captions in Flickr8k's style (space before the full stop), one with a comma and quotes."""
+    stem = name.split("_")[0]
+    return [
+        f"A child {stem} in a pink dress is climbing up a set of stairs in an entry way .",
+        f'A girl {stem} going into a wooden building , "the cabin" .',
+        f"A little girl {stem} climbing into a wooden playhouse .",
+        f"A little girl {stem} climbing the stairs to her playhouse .",
+        f"A little girl {stem} in a pink dress going into a wooden cabin .",
+    ]
+
+
+def all_captions(splits: datasets.DatasetDict) -> dict[str, list[str]]:
+    return {
+        r["image_id"]: r["captions"]
+        for rows in splits.values()
+        for r in rows.select_columns(["image_id", "captions"])
+    }
+
+
+def split_ids(splits: datasets.DatasetDict) -> dict[str, list[str]]:
+    return {split: sorted(rows["image_id"]) for split, rows in splits.items()}
+
+
+def assert_split_source(caplog, expected: str) -> None:
+    lines = [r.getMessage() for r in caplog.records if "splits from" in r.getMessage()]
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+FLICKR_LISTS = {"train": FLICKR_NAMES[:8], "validation": FLICKR_NAMES[8:10], "test": FLICKR_NAMES[10:]}
+
+
+def uiuc_folder(root: Path, nested: bool) -> Path:
+    """The original UIUC distribution: Flicker8k_Dataset/ (sic) + the text files, nested or flattened."""
+    write_images(root / "Flicker8k_Dataset", FLICKR_NAMES)
+    text = root / "Flickr8k_text" if nested else root
+    text.mkdir(parents=True, exist_ok=True)
+    groups = [*FLICKR_NAMES[:5], UIUC_GHOST, *FLICKR_NAMES[5:]]  # the ghost group sits mid-file
+    lines = [f"{name}#{k}\t{c}" for name in groups for k, c in enumerate(flickr_captions(name))]
+    (text / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    (text / "Flickr8k.lemma.token.txt").write_text("\n".join(line.lower() for line in lines) + "\n")
+    for split, file_name in splitting.FLICKR8K_SPLIT_FILES.items():  # CRLF, as in some copies
+        (text / file_name).write_bytes("".join(f"{n}\r\n" for n in FLICKR_LISTS[split]).encode())
+    return root
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "flattened"])
+def test_uiuc_distribution_loads_with_official_splits(tmp_path, caplog, nested):
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(uiuc_folder(tmp_path, nested))
+    assert_by_image(splits)
+    assert split_ids(splits) == {split: sorted(names) for split, names in FLICKR_LISTS.items()}
+    assert all_captions(splits) == {name: flickr_captions(name) for name in FLICKR_NAMES}
+    ghost = [r.getMessage() for r in caplog.records if UIUC_GHOST in r.getMessage()]
+    assert len(ghost) == 1 and "1 caption group" in ghost[0]
+    assert_split_source(caplog, "official split lists")
+
+
+def karpathy_entry(index: int, name: str, split: str, **extra) -> dict:
+    sentences = [
+        {"tokens": c.lower().rstrip(" .").split(), "raw": c, "imgid": index, "sentid": 5 * index + k}
+        for k, c in enumerate(flickr_captions(name))
+    ]
+    return {"sentids": [s["sentid"] for s in sentences], "imgid": index, "sentences": sentences,
+            "split": split, "filename": name, **extra}  # fmt: skip
+
+
+def test_karpathy_json_with_image_folder_and_no_captions_txt(tmp_path, caplog):
+    write_images(tmp_path / "Flicker8k_Dataset", FLICKR_NAMES)
+    split_of = ["train", "restval", "val", "test"] * 3
+    images = [karpathy_entry(i, n, s) for i, (n, s) in enumerate(zip(FLICKR_NAMES, split_of, strict=True))]
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(tmp_path)
+    expected = {"train": [], "validation": [], "test": []}
+    for name, split in zip(FLICKR_NAMES, split_of, strict=True):
+        expected[splitting.KARPATHY_SPLITS[split]].append(name)
+    assert split_ids(splits) == {split: sorted(names) for split, names in expected.items()}
+    assert all_captions(splits) == {name: flickr_captions(name) for name in FLICKR_NAMES}
+    assert_split_source(caplog, "dataset_flickr8k.json")
+
+
+COCO_IMAGES = {
+    "train2014": [57870, 384029, 222016, 520950, 69675, 547471],
+    "val2014": [391895, 522418, 184613, 318219, 554625, 397133],
+}
+
+
+def coco_name(folder: str, image_id: int) -> str:
+    return f"COCO_{folder}_{image_id:012d}.jpg"
+
+
+def coco_caption(image_id: int, k: int) -> str:
+    return f"A man {image_id} with a red helmet on a small moped on a dirt road, view {k}. "
+
+
+def coco_folder(root: Path) -> Path:
+    """COCO 2014 as downloaded: annotations/captions_{train,val}2014.json + train2014/, val2014/."""
+    (root / "annotations").mkdir(parents=True)
+    annotation_id = 1
+    for folder, ids in COCO_IMAGES.items():
+        write_images(root / folder, [coco_name(folder, i) for i in ids])
+        images = [
+            {"license": 3, "file_name": coco_name(folder, i), "coco_url": f"http://images.cocodataset.org/{folder}/"
+             f"{coco_name(folder, i)}", "height": 12, "width": 16, "date_captured": "2013-11-14 11:18:45",
+             "flickr_url": "http://farm4.staticflickr.com/1/1.jpg", "id": i}
+            for i in ids
+        ]  # fmt: skip
+        annotations = []
+        for k in range(5):
+            for i in ids:
+                annotations.append({"image_id": i, "id": annotation_id, "caption": coco_caption(i, k)})
+                annotation_id += 1
+        content = {"info": {"description": "COCO 2014 Dataset", "year": 2014}, "images": images,
+                   "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 3,
+                                 "name": "Attribution-NonCommercial-ShareAlike License"}],
+                   "annotations": annotations}  # fmt: skip
+        (root / "annotations" / f"captions_{folder}.json").write_text(json.dumps(content))
+    return root
+
+
+def coco_captions() -> dict[str, list[str]]:
+    return {
+        f"{folder}/{coco_name(folder, i)}": [coco_caption(i, k).strip() for k in range(5)]
+        for folder, ids in COCO_IMAGES.items()
+        for i in ids
+    }
+
+
+def test_coco_annotations_load_with_val2014_halved_by_image(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(coco_folder(tmp_path), seed=1)
+    assert_by_image(splits)
+    assert all_captions(splits) == coco_captions()
+    ids = split_ids(splits)
+    assert ids["train"] == sorted(f"train2014/{coco_name('train2014', i)}" for i in COCO_IMAGES["train2014"])
+    val = sorted(f"val2014/{coco_name('val2014', i)}" for i in COCO_IMAGES["val2014"])
+    assert len(ids["validation"]) == len(ids["test"]) == 3 and sorted(ids["validation"] + ids["test"]) == val
+    assert_split_source(caplog, "val2014 halved by image with seed 1")
+    assert split_ids(data.load_caption_dataset(tmp_path, seed=1)) == ids
+
+
+def test_coco_with_karpathy_json_uses_the_karpathy_split(tmp_path, caplog):
+    root = coco_folder(tmp_path)
+    split_of = {57870: "train", 384029: "restval", 391895: "val", 522418: "test", 184613: "restval"}
+    images = [
+        {**karpathy_entry(n, coco_name(folder, i), split_of.get(i, "train")), "filepath": folder, "cocoid": i}
+        for n, (folder, i) in enumerate((f, i) for f, ids in COCO_IMAGES.items() for i in ids)
+    ]
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(root)
+    assert split_ids(splits)["validation"] == [f"val2014/{coco_name('val2014', 391895)}"]
+    assert split_ids(splits)["test"] == [f"val2014/{coco_name('val2014', 522418)}"]
+    assert f"val2014/{coco_name('val2014', 184613)}" in split_ids(splits)["train"]
+    assert all_captions(splits) == coco_captions()  # captions from the annotations
+    assert_split_source(caplog, "dataset_coco.json")
+
+
+def hub_rows(names: list[str]) -> datasets.Dataset:
+    """Rows exactly like jxie/flickr8k: an embedded `image` and caption_0..caption_4."""
+    features = datasets.Features(
+        {"image": datasets.Image(), **{f"caption_{k}": datasets.Value("string") for k in range(5)}}
+    )
+    rows = {"image": [], **{f"caption_{k}": [] for k in range(5)}}
+    for index, name in enumerate(names):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 12), (index * 20, 90, 10)).save(buffer, format="JPEG")
+        rows["image"].append({"bytes": buffer.getvalue(), "path": name})
+        for k, caption in enumerate(flickr_captions(name)):
+            rows[f"caption_{k}"].append(caption)
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+FLICKR8K_CARD = """---
+dataset_info:
+  features:
+  - name: image
+    dtype: image
+{captions}  splits:
+  - name: train
+    num_examples: 8
+  - name: validation
+    num_examples: 2
+  - name: test
+    num_examples: 2
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: validation
+    path: data/validation-*
+  - split: test
+    path: data/test-*
+---
+# Dataset Card for "flickr8k"
+"""
+
+
+def hub_download_folder(root: Path) -> Path:
+    """What `hf download jxie/flickr8k --repo-type dataset --local-dir root` leaves."""
+    (root / "data").mkdir(parents=True)
+    card = FLICKR8K_CARD.format(
+        captions="".join(f"  - name: caption_{k}\n    dtype: string\n" for k in range(5))
+    )
+    (root / "README.md").write_text(card)
+    for split, names in FLICKR_LISTS.items():
+        hub_rows(names).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch) -> Path:
+    """A fresh HF datasets cache, so loading a folder with `datasets` writes nothing outside tmp_path."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+    return tmp_path / "hf_datasets_cache"
+
+
+def test_hub_dataset_downloaded_to_a_folder_loads(tmp_path, caplog, datasets_cache):
+    root = hub_download_folder(tmp_path / "flickr8k")
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(root)
+    assert split_ids(splits) == {split: sorted(names) for split, names in FLICKR_LISTS.items()}
+    assert all_captions(splits) == {name: flickr_captions(name) for name in FLICKR_NAMES}
+    assert splits["test"][0]["image"].size == (16, 12)
+    assert_split_source(caplog, "the source's own splits")
+
+
+def test_save_to_disk_folder_loads(tmp_path, caplog):
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({split: hub_rows(names) for split, names in FLICKR_LISTS.items()}).save_to_disk(
+        saved
+    )
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(saved)
+    assert split_ids(splits) == {split: sorted(names) for split, names in FLICKR_LISTS.items()}
+    assert all_captions(splits) == {name: flickr_captions(name) for name in FLICKR_NAMES}
+    assert_split_source(caplog, "the source's own splits")
+
+
+def test_single_split_with_a_split_column_uses_it(tmp_path, caplog):
+    # Like the Flickr30k copies on the Hub: one split, a list column of captions and a `split` column.
+    split_of = {name: split for split, names in FLICKR_LISTS.items() for name in names}
+    rows = hub_rows(FLICKR_NAMES)
+    rows = rows.add_column("caption", [flickr_captions(n) for n in FLICKR_NAMES])
+    rows = rows.remove_columns([f"caption_{k}" for k in range(5)])
+    rows = rows.add_column(
+        "split", [{"validation": "val"}.get(split_of[n], split_of[n]) for n in FLICKR_NAMES]
+    )
+    datasets.DatasetDict({"test": rows}).save_to_disk(tmp_path / "flickr30k")
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(tmp_path / "flickr30k")
+    assert split_ids(splits) == {split: sorted(names) for split, names in FLICKR_LISTS.items()}
+    assert all_captions(splits) == {name: flickr_captions(name) for name in FLICKR_NAMES}
+    assert_split_source(caplog, "'split' column")
+
+
+def write_metadata(path: Path, records: list[dict]) -> None:
+    if path.suffix == ".jsonl":
+        write_jsonl(path, records)
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as file:  # csv quotes the captions with commas and quotes
+            writer = csv.DictWriter(file, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        datasets.Dataset.from_list(records).to_parquet(str(path))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+@pytest.mark.parametrize("columns", ["caption_0..4", "list", "text"])
+def test_imagefolder_metadata_formats_keep_every_caption(tmp_path, suffix, columns, caplog):
+    if columns == "list" and suffix == ".csv":
+        pytest.skip("CSV has no list columns")
+    write_images(tmp_path, FLICKR_NAMES)
+    records = []
+    for name in FLICKR_NAMES:
+        captions = flickr_captions(name)
+        if columns == "caption_0..4":
+            records.append({"file_name": name, **{f"caption_{k}": c for k, c in enumerate(captions)}})
+        elif columns == "list":
+            records.append({"file_name": name, "caption": captions})
+        else:
+            records += [{"file_name": name, "text": c} for c in captions]  # one row per caption
+    write_metadata(tmp_path / f"metadata{suffix}", records)
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(tmp_path)
+    assert_by_image(splits)
+    assert all_captions(splits) == {name: flickr_captions(name) for name in FLICKR_NAMES}
+    assert_split_source(caplog, "a seeded split by image (seed 0)")
+
+
+def test_imagefolder_split_column_is_used(tmp_path, caplog):
+    write_images(tmp_path, FLICKR_NAMES)
+    split_of = {name: split for split, names in FLICKR_LISTS.items() for name in names}
+    records = [
+        {"file_name": n, "split": {"validation": "val"}.get(split_of[n], split_of[n]), "caption": c}
+        for n in FLICKR_NAMES
+        for c in flickr_captions(n)
+    ]
+    write_metadata(tmp_path / "metadata.csv", records)
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        splits = data.load_caption_dataset(tmp_path)
+    assert split_ids(splits) == {split: sorted(names) for split, names in FLICKR_LISTS.items()}
+    assert_split_source(caplog, "'split' column")
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda root: kaggle_folder(root, 9), "a seeded split by image (seed 0)"),
+        (lambda root: shapes_set.make_shapes_dataset(root, num_images=9), "official split lists"),
+    ],
+    ids=["kaggle-seeded", "kaggle-lists"],
+)
+def test_split_source_is_always_logged(tmp_path, caplog, make, expected):
+    with caplog.at_level(logging.INFO, logger="clip_lstm_captioner"):
+        data.load_caption_dataset(make(tmp_path / "set"))
+    assert_split_source(caplog, expected)
+
+
+def offline_hub_cache(cache: Path, source: Path) -> None:
+    """Leave in `cache` what an online `load_dataset("jxie/flickr8k")` leaves in the HF datasets cache."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    files = DataFilesDict.from_patterns({s: [str(source / "data" / f"{s}-*.parquet")] for s in FLICKR_LISTS})
+    Parquet(
+        cache_dir=str(cache),
+        dataset_name="flickr8k",
+        config_name="default",
+        hash="4d8ca8b0",
+        data_files=files,
+    ).download_and_prepare()
+    # The Hub's builder names its folders jxie___flickr8k/default/0.0.0/<commit>; a local builder
+    # adds a data-files hash to the config name, so rename to the Hub's names.
+    (cache / "flickr8k").rename(cache / "jxie___flickr8k")
+    config = next((cache / "jxie___flickr8k").iterdir())
+    config.rename(config.parent / "default")
+
+
+def test_data_cache_dir_does_not_redirect_hub_datasets(tmp_path, monkeypatch, datasets_cache):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    offline_hub_cache(datasets_cache, hub_download_folder(tmp_path / "download"))
+    parser = data.add_data_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--dataset", "jxie/flickr8k", "--data_cache_dir", str(tmp_path / "ours")])
+    splits = data.dataset_from_args(args)
+    assert split_ids(splits) == {split: sorted(names) for split, names in FLICKR_LISTS.items()}
+    assert all_captions(splits) == {name: flickr_captions(name) for name in FLICKR_NAMES}
+
+
+def test_offline_error_names_the_cache_it_searched(datasets_cache, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(data.DatasetUnavailableError) as error:
+        data.load_caption_dataset("jxie/flickr8k", cache_dir="/tmp/elsewhere")
+    assert str(datasets_cache) in one_line(error)
+
+
+# --------------------------------------------------------------------------------------
+# captions.txt as real CSV, in the encodings users have (issue 9 item 10)
+# --------------------------------------------------------------------------------------
+
+
+def test_captions_txt_multiline_caption_and_quoted_name_with_comma(tmp_path):
+    kaggle_folder(tmp_path, num_images=3)
+    write_images(tmp_path / "Images", ["my photo, 2.jpg"])
+    text = (
+        "image,caption\n"
+        'img_000.jpg,"a dog\nruns on the beach"\n'
+        '"my photo, 2.jpg",a cat\n'
+        '"my photo, 2.jpg","a cat, ""Tom"" , sleeps"\n'
+        "img_001.jpg,plain caption\n"
+        "img_002.jpg,another caption\n"
+    )
+    (tmp_path / "captions.txt").write_text(text)
+    assert all_captions(data.load_caption_dataset(tmp_path)) == {
+        "img_000.jpg": ["a dog\nruns on the beach"],
+        "my photo, 2.jpg": ["a cat", 'a cat, "Tom" , sleeps'],
+        "img_001.jpg": ["plain caption"],
+        "img_002.jpg": ["another caption"],
+    }
+
+
+def test_captions_txt_line_numbers_count_multiline_records(tmp_path):
+    kaggle_folder(tmp_path, num_images=3)
+    text = 'image,caption\nimg_000.jpg,"a dog\nruns"\nimg_001.jpg,a cat\nmissing.jpg,a bird\n'
+    (tmp_path / "captions.txt").write_text(text)
+    with pytest.raises(data.DatasetFormatError) as error:
+        data.load_caption_dataset(tmp_path)
+    assert "captions.txt line 5: image 'missing.jpg' not found" in one_line(error)
+
+
+def test_captions_txt_unclosed_quote_is_named(tmp_path):
+    kaggle_folder(tmp_path, num_images=3)
+    text = 'image,caption\nimg_000.jpg,a dog\nimg_001.jpg,"a cat\nimg_002.jpg,a bird\nimg_000.jpg,"x"\n'
+    (tmp_path / "captions.txt").write_text(text)
+    with pytest.raises(data.DatasetFormatError) as error:
+        data.load_caption_dataset(tmp_path)
+    assert "captions.txt line 3:" in one_line(error)
+
+
+def test_captions_txt_in_utf16_with_a_bom_is_decoded(tmp_path):
+    kaggle_folder(tmp_path, num_images=3)
+    rows = "image,caption\n" + "".join(f"img_{i:03d}.jpg,un café {i}\n" for i in range(3))
+    (tmp_path / "captions.txt").write_bytes(rows.encode("utf-16"))  # what Notepad's "Unicode" writes
+    assert all_captions(data.load_caption_dataset(tmp_path)) == {
+        f"img_{i:03d}.jpg": [f"un café {i}"] for i in range(3)
+    }
+
+
+@pytest.mark.parametrize(
+    ("encoding", "line"), [("latin-1", 3), ("utf-16-le", 1)], ids=["latin-1", "utf-16-no-bom"]
+)
+def test_captions_txt_in_another_encoding_names_file_and_line(tmp_path, encoding, line):
+    kaggle_folder(tmp_path, num_images=3)
+    rows = "image,caption\nimg_000.jpg,a dog\nimg_001.jpg,un café\nimg_002.jpg,a bird\n"
+    (tmp_path / "captions.txt").write_bytes(rows.encode(encoding))
+    with pytest.raises(data.DatasetFormatError) as error:
+        data.load_caption_dataset(tmp_path)
+    assert f"{tmp_path / 'captions.txt'} line {line}:" in one_line(error) and "UTF-8" in str(error.value)
+
+
+# --------------------------------------------------------------------------------------
+# A decompression bomb in a dataset (issue 9 item 5, dataset side)
+# --------------------------------------------------------------------------------------
+
+
+def write_bomb_png(path: Path, side: int = 20000) -> None:
+    """What `Image.new('L', (20000, 20000)).save(path)` writes (~400 KB), streamed instead of allocated."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor, row, parts = zlib.compressobj(9), b"\x00" * (side + 1), []  # filter byte + grey pixels
+    for _ in range(side):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    write_bomb_png(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_decompression_bomb_in_a_folder_is_reported(tmp_path, bomb_png, caplog, policy):
+    root = kaggle_folder(tmp_path, num_images=8)
+    bomb = root / "Images" / "img_003.jpg"
+    bomb.write_bytes(bomb_png)
+    if policy == "error":
+        with pytest.raises(ImageLoadError) as error:
+            data.load_caption_dataset(root, on_bad_image="error")
+        assert str(bomb) in one_line(error)
+        return
+    splits = data.load_caption_dataset(root, on_bad_image="skip")
+    assert "img_003.jpg" not in all_captions(splits) and "skipped 1 unreadable image" in caplog.text
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_decompression_bomb_in_hub_rows_is_reported(tmp_path, bomb_png, caplog, policy):
+    rows = hub_rows(FLICKR_NAMES).cast_column("image", datasets.Image(decode=False))
+    rows = rows.map(
+        lambda row, i: {"image": {"bytes": bomb_png, "path": "bomb.png"}} if i == 4 else row,
+        with_indices=True,
+    )
+    if policy == "error":
+        with pytest.raises(ImageLoadError) as error:
+            data.load_caption_dataset(rows, on_bad_image="error")
+        assert "bomb.png" in one_line(error)
+        return
+    splits = data.load_caption_dataset(rows, on_bad_image="skip")
+    assert "bomb.png" not in all_captions(splits) and "skipped 1 unreadable image" in caplog.text
