@@ -150,6 +150,10 @@ def test_huge_images_are_downscaled_and_bombs_refused(client, tmp_path):
     answer = ask(client, handle_file(wide))
     assert answer["notice"] == "Downscaled from 5000×1000 to 4096×819 before captioning."
     assert answer["ours"] and answer["blip"]
+    huge = tmp_path / "huge.png"
+    Image.new("1", (8000, 6000)).save(huge)  # 48 MP, not a JPEG: refused before decoding
+    answer = ask(client, handle_file(huge))
+    assert answer["notice"].startswith("⚠️ huge.png: too large to decode (8000×6000") and answer["ours"] == ""
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 10000)).save(bomb)  # 200 MP of zeros: a few kB on disk
     answer = ask(client, handle_file(bomb))
