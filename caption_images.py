@@ -4,17 +4,28 @@
     python caption_images.py photos/ --model me/clip-lstm-flickr8k --output captions.csv --num_beams 3
 
 Folders are searched recursively for common image extensions. Images are decoded in DataLoader
-workers and captioned in batches; files that cannot be read are reported on stderr, one line each,
-and skipped. The output file appears only when complete (written to a temporary file, then renamed).
+workers and captioned in batches; files that cannot be read (or above processing.MAX_IMAGE_PIXELS
+and not a JPEG) are reported on stderr, one line each, and skipped. The output file appears only
+when complete (written to a temporary `.<name>.*.partial` file, then renamed, with the umask's
+permissions); a partial file that a killed run left behind is removed by the next run.
 `score` is the caption's `sequences_scores`: its summed log-probability / length ** length_penalty.
+
+A file name that is not valid UTF-8 (e.g. Latin-1 `caf\\xe9.jpg` on Linux) is written escaped, so the
+output stays valid UTF-8: in JSONL as JSON's `\\udcXX` escape of Python's surrogateescape form
+(`os.fsencode(json.loads(line)["image"])` gives the exact bytes back), in CSV as `\\xNN` per
+undecodable byte (`codecs.escape_decode` gives the bytes back when the name has no backslash).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
+import io
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from clip_lstm_captioner.cli import (
+    beam_width,
     default_device,
     default_num_workers,
     load_captioner,
@@ -32,6 +44,12 @@ from clip_lstm_captioner.cli import (
 from clip_lstm_captioner.errors import UsageError
 from clip_lstm_captioner.files import atomic_write
 from clip_lstm_captioner.images import pixel_batches
+from processing import first_line
+
+try:  # POSIX: a live run holds a lock on its partial file, which tells it from a killed run's
+    import fcntl
+except ImportError:  # Windows: stale partial files are left for the user
+    fcntl = None
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
@@ -73,20 +91,112 @@ def find_images(patterns: list[str]) -> tuple[list[Path], list[str]]:
 # ----------------------------------------------------------------------------- model and output
 
 
+_UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")  # what os.fsdecode makes of bytes that are not UTF-8
+
+
+def _json_line(row: dict) -> str:
+    """One JSONL line; an undecodable byte of a file name becomes JSON's `\\udcXX` escape.
+
+    Example:
+        >>> _json_line({"image": os.fsdecode(b"caf\\xe9.jpg"), "caption": "a café"})
+        '{"image": "caf\\\\udce9.jpg", "caption": "a café"}'
+    """
+    text = json.dumps(row, ensure_ascii=False)  # a lone surrogate stays raw here: UTF-8 cannot encode it
+    return _UNDECODABLE_BYTE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _csv_safe(name: str) -> str:
+    """A file name as CSV text: each undecodable byte as `\\xNN`.
+
+    Example:
+        >>> _csv_safe(os.fsdecode(b"caf\\xe9.jpg"))
+        'caf\\\\xe9.jpg'
+    """
+    return os.fsencode(name).decode("utf-8", "backslashreplace") if _UNDECODABLE_BYTE.search(name) else name
+
+
 class CaptionRows:
-    """Rows as JSONL or CSV into an open (atomically written) text file."""
+    """Rows as JSONL or CSV into an open (atomically written) UTF-8 text file.
 
-    def __init__(self, file, file_format: str):
-        self.file = file
-        self.csv = csv.DictWriter(file, fieldnames=FIELDS) if file_format == "csv" else None
-        if self.csv:
-            self.csv.writeheader()
+    Each row is made whole before it is written, so a row that cannot be encoded is reported and
+    skipped without costing the others; a failed write (disk full) is a one-line `UsageError`.
+    """
 
-    def write(self, row: dict) -> None:
-        if self.csv:
-            self.csv.writerow(row)
+    def __init__(self, file, file_format: str, output: Path):
+        self.file, self.format, self.output = file, file_format, output
+        if file_format == "csv":
+            self._write(self._csv_line(dict(zip(FIELDS, FIELDS, strict=True))))
+
+    def _csv_line(self, row: dict) -> str:
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, fieldnames=FIELDS).writerow(row)
+        return buffer.getvalue()
+
+    def _write(self, text: str) -> None:
+        try:
+            self.file.write(text)
+        except OSError as error:
+            raise UsageError(f"--output {self.output}: cannot write there ({first_line(error)})") from None
+
+    def write(self, row: dict) -> str | None:
+        """Write `row`; return None, or why it could not be written (the row is then left out)."""
+        if self.format == "csv":
+            text = self._csv_line(dict(row, image=_csv_safe(row["image"])))
         else:
-            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            text = _json_line(row) + "\n"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return f"{_csv_safe(row['image'])}: cannot write its row ({error.reason})"
+        self._write(text)
+        return None
+
+
+# ----------------------------------------------------------------------------- the output file
+
+
+def remove_stale_partials(output: Path) -> list[Path]:
+    """Remove the temporary files that killed runs writing `output` left behind; return them.
+
+    A run holds an exclusive lock (flock) on its `.<name>.<random>.partial` file while it writes,
+    and the kernel drops the lock when the process ends, however it ends. So a partial file of
+    this output name that can be locked has no live writer: it is stale. Other names are left alone.
+    """
+    removed = []
+    if fcntl is None or not output.parent.is_dir():
+        return removed
+    for path in output.parent.glob(f".{glob.escape(output.name)}.*.partial"):
+        with contextlib.suppress(OSError), open(path, "rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run is writing it
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def open_output(output: Path):
+    """`atomic_write(output)` for UTF-8 text, locked while written (see `remove_stale_partials`);
+    failing to create it, or to complete it, is a one-line `UsageError` naming --output."""
+    writer = atomic_write(output, newline="", encoding="utf-8")
+    try:
+        file = writer.__enter__()  # mkdir and mkstemp: a read-only folder, a file as parent, /proc
+        if fcntl is not None:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        raise UsageError(f"--output {output}: cannot write there ({first_line(error)})") from None
+    try:
+        yield file
+    except BaseException:
+        if not writer.__exit__(*sys.exc_info()):  # removes the partial file
+            raise
+    else:
+        try:
+            writer.__exit__(None, None, None)  # flush, close and rename: a full disk fails here
+        except OSError as error:
+            raise UsageError(f"--output {output}: cannot write there ({first_line(error)})") from None
 
 
 # ----------------------------------------------------------------------------- arguments and main
@@ -115,7 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch_size", type=positive_int, default=32, help="images captioned together (default: 32)"
     )
     parser.add_argument(
-        "--num_beams", type=positive_int, help="beam width (default: the model's generation_config)"
+        "--num_beams",
+        type=beam_width,
+        help="beam width, 1 to 64 (default: the model's generation_config)",
     )
     parser.add_argument(
         "--max_new_tokens",
@@ -183,8 +295,11 @@ def caption_all(
         for pixel_values, rows_done in batches:
             results = caption_batch(model, processor, pixel_values.to(model.device), settings)
             for row, (caption, score) in zip(rows_done, results, strict=True):
-                rows.write({"image": sources[row]["path"], "caption": caption, "score": score})
-            captioned += len(rows_done)
+                problem = rows.write({"image": sources[row]["path"], "caption": caption, "score": score})
+                if problem:
+                    report_skip(problem)
+                else:
+                    captioned += 1
             progress.n = captioned + len(skipped)
             progress.refresh()
     return captioned, len(skipped)
@@ -199,9 +314,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no image files found in {' '.join(args.inputs)} (looked for {extensions})")
     for pattern in unmatched:
         print(f"caption_images.py: warning: no image files in {pattern}", file=sys.stderr)
-    model, processor = load_captioner(args.model, device)
-    with atomic_write(args.output, newline="", encoding="utf-8") as file:
-        captioned, skipped = caption_all(args, paths, model, processor, CaptionRows(file, file_format))
+    for path in remove_stale_partials(args.output):
+        print(f"caption_images.py: removed {path}, left by an interrupted run", file=sys.stderr)
+    with open_output(args.output) as file:  # before the model loads: an unwritable --output fails at once
+        model, processor = load_captioner(args.model, device)
+        rows = CaptionRows(file, file_format, args.output)
+        captioned, skipped = caption_all(args, paths, model, processor, rows)
     print(
         f"captioned {captioned} image(s) into {args.output}; skipped {skipped} unreadable file(s)",
         file=sys.stderr,

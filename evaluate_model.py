@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,6 +34,7 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from clip_lstm_captioner import data
 from clip_lstm_captioner.cli import (
+    beam_width,
     default_device,
     default_num_workers,
     load_captioner,
@@ -77,6 +79,20 @@ def load_blip(source: str = DEFAULT_BLIP_MODEL) -> tuple[BlipForConditionalGener
         return BlipForConditionalGeneration.from_pretrained(path).eval(), BlipProcessor.from_pretrained(path)
 
     return load_pretrained(loader, source, "BLIP", _BLIP_HINT)
+
+
+def load_blip_or_reason(source: str) -> tuple[tuple | None, str | None]:
+    """(BLIP model and processor, None), or (None, one line saying why BLIP cannot be compared).
+
+    BLIP is the comparison, not the subject: without it the evaluation of our model still runs, and
+    the reason is printed now and written into the report.
+    """
+    try:
+        return load_blip(source), None
+    except UsageError as error:
+        reason = f"cannot compare with BLIP: {error}"
+        print(f"evaluate_model.py: warning: {reason}", file=sys.stderr)
+        return None, reason
 
 
 def select_split(splits: datasets.DatasetDict, name: str) -> tuple[datasets.Dataset, str]:
@@ -281,13 +297,15 @@ def evaluate_captioner(
     shapes_scenes: dict | None = None,
     num_workers: int = 0,
     on_bad_image: str = "error",
+    blip_unavailable: str | None = None,
 ) -> dict:
     """Caption every image of `split` once, score against all references, write the report files.
 
     `split` has rows `image`, `image_id`, `captions`, and ideally `image_embeds` (from
     `cache_image_embeds`), which are then used instead of running CLIP. `blip` is a
     (BlipForConditionalGeneration, BlipProcessor) pair captioning the same images with the same
-    settings; `train_captions` (the train split's `captions` column) adds the most-frequent-
+    settings (`blip_unavailable`, when it could not be loaded, says why in the report);
+    `train_captions` (the train split's `captions` column) adds the most-frequent-
     training-caption baseline; `shapes_scenes` (`read_scenes`) adds colour and shape accuracy.
     `num_beams` / `max_new_tokens` default to the model's generation config. Writes report.json,
     report.md, captions.jsonl, gallery.html and gallery.png to `output_dir`; returns the report.
@@ -327,6 +345,8 @@ def evaluate_captioner(
         "device": str(model.device),
         "versions": package_versions(),
     }
+    if blip_unavailable:
+        report["blip_unavailable"] = blip_unavailable
     if shapes_scenes is not None:
         ids = split["image_id"]
         report["shapes"] = {
@@ -400,9 +420,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument(
         "--num_beams",
-        type=int,
+        type=beam_width,
         default=None,
-        help="Beam width (default: the model's saved generation config).",
+        help="Beam width, 1 to 64 (default: the model's saved generation config).",
     )
     decoding.add_argument(
         "--max_new_tokens",
@@ -525,7 +545,8 @@ def run(args: argparse.Namespace) -> dict:
     _check_args(args)
     repo_id = _hub_repo_id(args)
     model, processor = load_captioner(args.model)
-    blip = load_blip(args.blip_model) if args.compare_blip else None  # fails in seconds, before the long work
+    # BLIP fails in seconds, before the long work; without it our model is still evaluated.
+    blip, blip_unavailable = load_blip_or_reason(args.blip_model) if args.compare_blip else (None, None)
     splits = data.dataset_from_args(args)
     split, split_name = select_split(splits, args.split)
     if args.max_images:
@@ -565,6 +586,7 @@ def run(args: argparse.Namespace) -> dict:
         shapes_scenes=_shapes_scenes(args),
         num_workers=default_num_workers(args.num_workers),
         on_bad_image=args.on_bad_image,
+        blip_unavailable=blip_unavailable,
     )
     print(render_markdown(report))
     print(

@@ -38,6 +38,14 @@ from transformers.utils import is_torchvision_available
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # 16/32-bit integer greyscale (16-bit PNG, TIFF): PIL's convert("RGB") clips instead of scaling.
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+# The most pixels an image file is decoded to. Both captioners look at 224-384 px, and a 144 MP
+# PNG (a few hundred kB on disk) took 2.4 GB to decode in full. Above this a JPEG is decoded at
+# 1/2, 1/4 or 1/8 scale (PIL's draft mode, which is cheap) and any other format is refused,
+# before decoding. 40 MP is above what cameras and phones save by default (12-24 MP, 50 MP in
+# full-resolution modes is JPEG and fits after halving). PIL's own guard (~179 MP) still refuses
+# bigger files at open, whatever their format.
+MAX_IMAGE_PIXELS = 40_000_000
+_DRAFT_SCALES = (2, 4, 8)  # the reductions libjpeg decodes directly
 
 
 class CaptionerError(Exception):
@@ -126,6 +134,24 @@ def image_error(name: str, error: BaseException) -> ImageLoadError:
     return ImageLoadError(f"{name}: unreadable image ({message})")
 
 
+def _limit_decoded_size(opened: Image.Image, name: str) -> None:
+    """Before decoding: make a JPEG above `MAX_IMAGE_PIXELS` decode at a reduced scale that fits,
+    and refuse any other image above it (ImageLoadError naming `name` and its size)."""
+    width, height = opened.size
+    if width * height <= MAX_IMAGE_PIXELS:
+        return
+    if opened.format == "JPEG":
+        for scale in _DRAFT_SCALES:
+            if -(-width // scale) * -(-height // scale) <= MAX_IMAGE_PIXELS:
+                # draft() picks the strongest reduction that still gives at least the requested size
+                opened.draft(None, (-(-width // scale), -(-height // scale)))
+                return
+    raise ImageLoadError(
+        f"{name}: too large to decode ({width}×{height}, {width * height / 1e6:.0f} megapixels; above "
+        f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels only a JPEG is read, at a reduced size)"
+    )
+
+
 def load_image(
     image: str | os.PathLike | bytes | Image.Image | np.ndarray, name: str | None = None
 ) -> Image.Image:
@@ -133,7 +159,9 @@ def load_image(
 
     EXIF orientation is applied (phone photos are stored sideways with a rotation tag).
     A file that is missing, empty, truncated or not an image raises `ImageLoadError`
-    with a one-line message naming it (`name`, else the path).
+    with a one-line message naming it (`name`, else the path). Files are never decoded to more
+    than `MAX_IMAGE_PIXELS`: a larger JPEG is read at 1/2..1/8 scale, anything else is refused
+    (as is a decompression bomb); PIL images and arrays, already decoded, are taken as they are.
 
     Example:
         >>> load_image(np.zeros((4, 6, 3), dtype=np.uint8)).size
@@ -150,15 +178,15 @@ def load_image(
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image))
     source = io.BytesIO(image) if isinstance(image, bytes) else Path(image)
+    name = name or str(image if not isinstance(image, bytes) else "image bytes")
     try:
-        with Image.open(source) as opened:
+        with Image.open(source) as opened:  # reads the header only
+            _limit_decoded_size(opened, name)
             opened.load()  # decode now, so a truncated file fails here and not later
             upright = ImageOps.exif_transpose(opened)
             return to_rgb(upright).copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise image_error(
-            name or str(image if not isinstance(image, bytes) else "image bytes"), error
-        ) from None
+        raise image_error(name, error) from None
 
 
 # ----------------------------------------------------------------------------- tokenizers

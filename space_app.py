@@ -6,14 +6,22 @@
 Settings come from the environment:
     MODEL_ID       our model: a Hub id or a folder saved with save_pretrained. Unset: the offline
                    demo's folder (`python train_accelerate.py --demo`) when it exists.
+    MODEL_REVISION our model's Hub revision (a commit hash, branch or tag) to pin; default: main.
     BLIP_MODEL_ID  the baseline, `Salesforce/blip-image-captioning-base` by default.
+    BLIP_REVISION  BLIP's Hub revision to pin; default: main.
 A model that cannot be loaded leaves its panel saying why; the other one still captions.
+
+Our model is loaded with the project's own classes from the files shipped beside this one
+(configuration_clip_lstm.py, modeling_clip_lstm.py, processing.py), never with trust_remote_code:
+no code from a model repo runs here. On a ZeroGPU Space (the `spaces` package is importable) the
+captioning function asks for a GPU per call with `spaces.GPU`; elsewhere that decorator is a no-op.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 import time
 import warnings
@@ -21,12 +29,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+try:  # a ZeroGPU Space: `spaces` must be imported before torch touches CUDA
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # a CPU or ordinary GPU Space, or a checkout
+
+    def gpu(function):
+        """No-op stand-in for `spaces.GPU` where the `spaces` package is not installed."""
+        return function
+
+
 import gradio as gr
 import torch
+from gradio.utils import get_upload_folder
 from PIL import Image, ImageDraw
-from transformers import AutoModel, AutoProcessor, BlipForConditionalGeneration, BlipProcessor
+from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from processing import ImageLoadError, first_line, load_image
+from modeling_clip_lstm import ClipLstmForImageCaptioning
+from processing import ClipLstmProcessor, ImageLoadError, first_line, load_image
 
 try:  # in a checkout, the offline demo's trained model; a Space carries only the model's own files
     from clip_lstm_captioner.cli import DEMO_MODEL_DIR
@@ -40,6 +61,9 @@ MODEL_ID = os.getenv("MODEL_ID") or (
     str(DEMO_MODEL_DIR) if DEMO_MODEL_DIR and Path(DEMO_MODEL_DIR).is_dir() else None
 )
 BLIP_MODEL_ID = os.getenv("BLIP_MODEL_ID") or DEFAULT_BLIP_MODEL_ID
+# Hub revisions to pin (commit hashes are safest); None loads the default branch.
+MODEL_REVISION = os.getenv("MODEL_REVISION") or None
+BLIP_REVISION = os.getenv("BLIP_REVISION") or None
 # Copied from clip_lstm_captioner.cli.default_device (a Space carries no package)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -73,8 +97,8 @@ class Captioner:
     error: str = ""
 
 
-def load_ours(model_id: str | None) -> Captioner:
-    """Load our captioner from a Hub id or folder; a failure becomes the panel's message.
+def load_ours(model_id: str | None, revision: str | None = None) -> Captioner:
+    """Load our captioner from a Hub id or folder (at `revision`); a failure becomes the panel's message.
 
     Example:
         load_ours(None).error.startswith("No model")
@@ -86,25 +110,25 @@ def load_ours(model_id: str | None) -> Captioner:
             f"or make the offline demo model with `{DEMO_COMMAND}`."
         )
     try:
-        # The model repo carries its own code (configuration, modeling, processing), so the Space
-        # always runs the code the weights were saved with.
-        model = AutoModel.from_pretrained(model_id, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+        # The project's own classes, shipped with the Space: the code files in the model repo are not
+        # run (no trust_remote_code), so a changed repo cannot run code here at start-up.
+        model = ClipLstmForImageCaptioning.from_pretrained(model_id, revision=revision)
+        processor = ClipLstmProcessor.from_pretrained(model_id, revision=revision)
     except Exception as error:  # any failure (missing, offline, bad files) is shown, not raised
         return Captioner(error=f"Could not load our model {model_id!r}: {first_line(error)}")
     return Captioner(model.to(DEVICE).eval(), processor)
 
 
-def load_blip(model_id: str) -> Captioner:
-    """Load BLIP (Hub id or folder); offline or missing, the panel says why.
+def load_blip(model_id: str, revision: str | None = None) -> Captioner:
+    """Load BLIP (Hub id or folder, at `revision`); offline or missing, the panel says why.
 
     Example:
         load_blip("Salesforce/blip-image-captioning-base").model is not None  # needs the Hub
         # -> True
     """
     try:
-        model = BlipForConditionalGeneration.from_pretrained(model_id)
-        processor = BlipProcessor.from_pretrained(model_id)
+        model = BlipForConditionalGeneration.from_pretrained(model_id, revision=revision)
+        processor = BlipProcessor.from_pretrained(model_id, revision=revision)
     except Exception as error:  # the Space still serves our model without the baseline
         reason = first_line(error).rstrip(".")
         return Captioner(
@@ -114,8 +138,8 @@ def load_blip(model_id: str) -> Captioner:
 
 
 # Loaded once, when the module is imported; every request shares them.
-OURS = load_ours(MODEL_ID)
-BLIP = load_blip(BLIP_MODEL_ID)
+OURS = load_ours(MODEL_ID, MODEL_REVISION)
+BLIP = load_blip(BLIP_MODEL_ID, BLIP_REVISION)
 
 
 # ----------------------------------------------------------------------------- example images
@@ -166,6 +190,33 @@ def example_images(folder: Path = EXAMPLES_DIR) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- captioning
+
+NOT_UPLOADED = "Not an uploaded image: upload it through the app (with gradio_client: handle_file(path))."
+
+
+def uploaded_file(image: Any) -> Path | None:
+    """The file gradio itself received as an upload, from the Caption button's raw payload; else None.
+
+    With `preprocess=False` (see caption()) gradio hands the request's payload over unchecked, so a
+    caller could name any path on the server, or a named pipe that blocks the only worker for good.
+    Only a regular file inside gradio's upload folder (symlinks resolved) is accepted, and deciding
+    that never opens the file: `stat` answers at once even for a pipe.
+
+    Example:
+        uploaded_file({"path": "/etc/passwd"}) is None
+        # -> True
+    """
+    path = image.get("path") if isinstance(image, dict) else None
+    if not isinstance(path, str):
+        return None
+    try:
+        real = Path(os.path.realpath(path))
+        upload_folder = Path(os.path.realpath(get_upload_folder()))  # GRADIO_TEMP_DIR, else <tmp>/gradio
+        if real.is_relative_to(upload_folder) and stat.S_ISREG(real.stat().st_mode):
+            return real
+    except (OSError, ValueError):  # no such file, a NUL byte in the path, a loop of links
+        return None
+    return None
 
 
 def read_image(path: str, name: str | None = None) -> tuple[Image.Image, str]:
@@ -264,6 +315,7 @@ def _guarded(run, *args) -> tuple:
         return failed + ([],) if run is caption_ours else failed
 
 
+@gpu  # ZeroGPU: a GPU is attached for each call (a no-op elsewhere)
 def caption(
     image: dict | None, num_beams: int, max_new_tokens: int, show_beams: bool
 ) -> tuple[str, str, str, gr.Dataframe, str, str]:
@@ -271,14 +323,19 @@ def caption(
 
     `image` is gradio's raw upload record ({"path": ..., "orig_name": ...}): the button skips gr.Image's
     own preprocessing, which opens the file with PIL and turns a non-image into an opaque server error.
+    Only files gradio received as uploads are opened (`uploaded_file`).
     """
     empty_beams = gr.Dataframe(value=[], visible=bool(show_beams))
     ours_line, blip_line = _model_line(MODEL_ID, OURS), _model_line(BLIP_MODEL_ID, BLIP)
-    if not image or not image.get("path"):
+    if not isinstance(image, dict) or not image.get("path"):
         return "Upload an image or pick an example first.", "", ours_line, empty_beams, "", blip_line
+    path = uploaded_file(image)
+    if path is None:
+        return f"⚠️ {NOT_UPLOADED}", "", ours_line, empty_beams, "", blip_line
+    name = " ".join(str(image.get("orig_name") or path.name).split())  # a caller's text: kept to one line
     try:
         num_beams, max_new_tokens = _check_settings(num_beams, max_new_tokens)
-        picture, note = read_image(image["path"], image.get("orig_name"))
+        picture, note = read_image(str(path), name)
     except ValueError as error:  # bad settings, or ImageLoadError (a ValueError): one line either way
         return f"⚠️ {error}", "", ours_line, empty_beams, "", blip_line
     with torch.inference_mode():

@@ -99,6 +99,8 @@ def render_markdown(report: dict) -> str:
     }
     if reasons:
         lines += ["", f"METEOR not computed: {'; '.join(sorted(reasons))}."]
+    if report.get("blip_unavailable"):
+        lines += ["", f"BLIP not compared: {report['blip_unavailable']}."]
     if report.get("shapes"):
         lines += ["", "| shapes set | colour of the largest object | its shape |", "|---|---:|---:|"]
         lines += [

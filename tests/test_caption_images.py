@@ -4,12 +4,16 @@ model.generate image by image; bad arguments -> one line and exit code 2."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tiny import caption_files, coloured_image, save_peaked_captioner
 
 import caption_images
@@ -142,3 +146,123 @@ def test_runs_as_a_script(model_dir, images, tmp_path):
     done = subprocess.run(command + SETTINGS, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(output.read_text().splitlines()) == 3 and "Traceback" not in done.stderr
+
+
+def test_huge_images_and_decompression_bombs_are_skipped_in_one_line_each(model_dir, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    coloured_image((200, 30, 30), size=(48, 40)).save(folder / "red.png")
+    Image.new("1", (8000, 6000)).save(folder / "huge.png")  # 48 MP: above processing.MAX_IMAGE_PIXELS
+    Image.new("1", (20000, 20000)).save(folder / "bomb.png")  # 400 MP: PIL's own guard
+    output = tmp_path / "captions.jsonl"
+    assert run_main(folder, "--model", model_dir, "--output", output, "--num_workers", 0, *SETTINGS) == 0
+    assert [json.loads(line)["image"] for line in output.read_text().splitlines()] == [
+        str(folder / "red.png")
+    ]
+    skipped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped ")]
+    assert sorted(skipped) == [
+        f"skipped {folder / 'bomb.png'}: too large to decode (Image size (400000000 pixels) exceeds limit of "
+        "178956970 pixels, could be decompression bomb DOS attack.)",
+        f"skipped {folder / 'huge.png'}: too large to decode (8000×6000, 48 megapixels; above 40 megapixels "
+        "only a JPEG is read, at a reduced size)",
+    ]
+
+
+@pytest.mark.parametrize("file_format", ["jsonl", "csv"])
+def test_a_file_name_that_is_not_utf8_is_written_escaped_and_the_other_rows_kept(
+    model_dir, tmp_path, file_format
+):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    coloured_image((200, 30, 30), size=(48, 40)).save(folder / "red.png")
+    latin1 = os.path.join(os.fsencode(folder), b"caf\xe9.png")  # a Latin-1 name: not valid UTF-8
+    coloured_image((30, 40, 210), size=(48, 40)).save(latin1, format="PNG")
+    output = tmp_path / f"captions.{file_format}"
+    assert run_main(folder, "--model", model_dir, "--output", output, "--num_workers", 0, *SETTINGS) == 0
+    text = output.read_text(encoding="utf-8")  # the file itself is valid UTF-8
+    if file_format == "jsonl":
+        rows = [json.loads(line) for line in text.splitlines()]
+        # JSON's own \udcXX escape: json.loads + os.fsencode give back the exact bytes of the name
+        assert [os.fsencode(row["image"]) for row in rows] == [latin1, os.fsencode(folder / "red.png")]
+        assert "caf\\udce9.png" in text
+    else:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        assert [row["image"] for row in rows] == [f"{folder}/caf\\xe9.png", str(folder / "red.png")]
+    assert all(row["caption"] for row in rows)
+    expected = caption_files(
+        model_dir, [latin1.decode("utf-8", "surrogateescape")], num_beams=3, max_new_tokens=8
+    )
+    assert rows[0]["caption"] == expected[0]
+
+
+UNWRITABLE_OUTPUTS = {
+    "under a file": "{tmp}/a-file/captions.jsonl",
+    "under /proc": "/proc/captions.jsonl",
+    "in a read-only folder": "{tmp}/read-only/captions.jsonl",
+}
+
+
+@pytest.mark.parametrize("case", UNWRITABLE_OUTPUTS)
+def test_an_unwritable_output_is_one_line_before_any_work(model_dir, images, tmp_path, capsys, case):
+    if case == "in a read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; the other cases cover the error path")
+        (tmp_path / "read-only").mkdir(mode=0o555)
+    (tmp_path / "a-file").write_text("not a folder")
+    output = UNWRITABLE_OUTPUTS[case].replace("{tmp}", str(tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        run_main(images, "--model", model_dir, "--output", output, "--num_workers", 0)
+    assert exited.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"caption_images.py: error: --output {output}: cannot write there (")
+
+
+@pytest.mark.parametrize("num_beams", ["65", "100000"])
+def test_num_beams_has_an_upper_bound(model_dir, images, tmp_path, capsys, num_beams):
+    with pytest.raises(SystemExit) as exited:
+        run_main(images, "--model", model_dir, "--output", tmp_path / "out.jsonl", "--num_beams", num_beams)
+    assert exited.value.code == 2
+    assert f"--num_beams: must be at most 64, got {num_beams}" in capsys.readouterr().err
+
+
+def test_output_gets_the_umask_permissions(model_dir, images, tmp_path):
+    output = tmp_path / "captions.csv"
+    old_umask = os.umask(0o002)
+    try:
+        assert run_main(images, "--model", model_dir, "--output", output, "--num_workers", 0, *SETTINGS) == 0
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o664  # like `open(path, "w")`, not mkstemp's 0600
+
+
+def test_stale_partial_files_of_the_same_output_are_cleaned_up(model_dir, images, tmp_path):
+    """A killed run leaves `.captions.jsonl.<random>.partial`; the next run removes it, unless a live
+    run still holds it (its lock), and leaves other outputs' partial files alone."""
+    output = tmp_path / "captions.jsonl"
+    stale = tmp_path / ".captions.jsonl.k1ll3d00.partial"
+    stale.write_text('{"image": "half a row')
+    other = tmp_path / ".other.jsonl.k1ll3d00.partial"
+    other.write_text("")
+    live = tmp_path / ".captions.jsonl.running.partial"
+    live.write_text("")
+    holder = subprocess.Popen(  # a run in progress: it holds the lock on its partial file
+        [sys.executable, "-c", HOLD_LOCK, str(live)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_main(images, "--model", model_dir, "--output", output, "--num_workers", 0, *SETTINGS) == 0
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert not stale.exists() and other.exists() and live.exists()
+    assert len(output.read_text().splitlines()) == 3
+
+
+HOLD_LOCK = """
+import fcntl, sys, time
+file = open(sys.argv[1], "a")
+fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(600)
+"""

@@ -20,7 +20,7 @@ import datasets
 import evaluate
 import pytest
 from PIL import Image
-from tiny import save_tiny_blip
+from tiny import save_peaked_captioner, save_tiny_blip
 
 import evaluate_model
 from clip_lstm_captioner import data
@@ -217,11 +217,13 @@ def test_push_to_hub_publishes_the_report_as_model_index(demo_run, tmp_path, mon
     assert index[0]["results"][0]["dataset"]["split"] == "test"
 
 
-def dataset_without_references(folder: Path) -> datasets.DatasetDict:
-    """A Hub-style dataset (one row per image, a `caption` list column) whose test split has no captions."""
+def dataset_without_references(folder: Path, test_captions=()) -> datasets.DatasetDict:
+    """A Hub-style dataset (one row per image, a `caption` list column) whose test split has no captions
+    (or `test_captions` for each image)."""
     folder.mkdir()
     raw = {}
-    for split, captions in (("train", ["a red square"]), ("validation", ["a red square"]), ("test", [])):
+    splits = (("train", ["a red square"]), ("validation", ["a red square"]), ("test", list(test_captions)))
+    for split, captions in splits:
         paths = []
         for index in range(2):
             path = folder / f"{split}{index}.png"
@@ -239,7 +241,6 @@ def dataset_without_references(folder: Path) -> datasets.DatasetDict:
         ("run folder instead of model folder", "its model/ subfolder has one"),
         ("unknown split", "unknown split; this dataset has train, validation, test"),
         ("no references", "have no reference captions"),
-        ("offline BLIP default", "pass --blip_model a local folder"),
         ("offline Hub model id", "pass a folder saved by train_accelerate.py"),
         ("push without repo id", "needs --hub_model_id"),
     ],
@@ -255,8 +256,6 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, demo_run, t
     elif case == "no references":
         empty = dataset_without_references(tmp_path / "images")
         monkeypatch.setattr(data, "dataset_from_args", lambda args: empty)
-    elif case == "offline BLIP default":
-        argv += ["--compare_blip"]  # conftest sets HF_HUB_OFFLINE=1: the Hub id cannot load
     elif case == "offline Hub model id":
         argv[1] = "someone/clip-lstm-flickr8k"
     else:
@@ -304,3 +303,46 @@ def test_bench_eval_prints_its_figures_as_json(tmp_path):
         assert figures[case]["meteor_seconds"] is None
     assert figures["cache_fill_seconds"] > 0
     assert [target["met"] for target in figures["targets"]] == [None, None]  # judged on an H100/H200 only
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    """CLI arguments for a tiny saved captioner on a 2-image test split (no demo training needed)."""
+    splits = dataset_without_references(tmp_path / "images", ["a red square", "a red circle"])
+    monkeypatch.setattr(data, "dataset_from_args", lambda args: splits)
+    model_dir = save_peaked_captioner(tmp_path / "model")
+    output_dir = tmp_path / "eval"
+    argv = ["--model", str(model_dir), "--output_dir", str(output_dir), "--no_cache", "--no_meteor"]
+    return argv + ["--num_workers", "0", "--num_beams", "2", "--max_new_tokens", "5"], output_dir
+
+
+@pytest.mark.parametrize("blip_model", ["Salesforce/blip-image-captioning-base", "{tmp}/no-blip-here"])
+def test_compare_blip_without_blip_still_writes_our_report(tiny_run, blip_model, tmp_path, capsys):
+    """The default Hub id offline (conftest sets HF_HUB_OFFLINE=1) or a missing folder: our report is
+    written, and one line says why BLIP is not in it."""
+    argv, output_dir = tiny_run
+    blip_model = blip_model.replace("{tmp}", str(tmp_path))
+    report = evaluate_model.main(argv + ["--compare_blip", "--blip_model", blip_model])
+    assert list(report["models"]) == ["ours", "most_frequent_caption"]
+    assert (
+        report["blip_unavailable"].startswith("cannot compare with BLIP: ")
+        and repr(blip_model) in (report["blip_unavailable"])
+    )
+    saved = json.loads((output_dir / "report.json").read_text())
+    assert (
+        saved["models"]["ours"]["bleu_1"] is not None
+        and saved["blip_unavailable"] == report["blip_unavailable"]
+    )
+    assert report["blip_unavailable"] in (output_dir / "report.md").read_text()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "BLIP" in line]
+    assert warnings == [f"evaluate_model.py: warning: {report['blip_unavailable']}"]
+
+
+@pytest.mark.parametrize("num_beams", ["65", "100000"])
+def test_num_beams_has_an_upper_bound(tiny_run, num_beams, capsys):
+    argv, output_dir = tiny_run
+    with pytest.raises(SystemExit) as raised:
+        evaluate_model.main(argv + ["--num_beams", num_beams])
+    assert raised.value.code == 2
+    assert f"--num_beams: must be at most 64, got {num_beams}" in capsys.readouterr().err
+    assert not output_dir.exists()

@@ -10,6 +10,7 @@ from tiny import TINY_CAPTIONS, TINY_VISION, tiny_processor, tiny_tokenizer
 from transformers import CLIPTokenizer, CLIPVisionConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+import processing
 from processing import (
     ClipLstmProcessor,
     ImageLoadError,
@@ -83,6 +84,47 @@ def test_truncated_jpeg_raises(tmp_path):
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with pytest.raises(ImageLoadError, match="cut.jpg"):
         load_image(path)
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    """A 48-megapixel PNG (a few kB on disk) is refused from its header, in one line naming it."""
+    path = tmp_path / "huge.png"
+    Image.new("1", (8000, 6000)).save(path)
+    assert processing.MAX_IMAGE_PIXELS < 8000 * 6000
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: too large to decode (8000×6000") and "40 megapixels" in message
+    assert "\n" not in message
+    with pytest.raises(ImageLoadError, match="upload.png: too large to decode"):
+        load_image(path.read_bytes(), name="upload.png")  # encoded bytes (datasets, the Space) alike
+
+
+def test_decompression_bombs_are_one_line_image_errors(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (20000, 20000)).save(path)  # 400 MP of zeros: PIL's own guard refuses it at open
+    with pytest.raises(ImageLoadError, match=r"bomb.png: too large to decode") as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    """A JPEG above the limit is decoded at 1/2, 1/4 or 1/8 scale (draft mode), just under the limit."""
+    monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 10_000)
+    path = tmp_path / "photo.jpg"
+    coloured = Image.new("RGB", (400, 300), (240, 240, 240))
+    coloured.paste((200, 30, 30), (0, 0, 200, 300))  # left half red
+    coloured.save(path, quality=95)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (100, 75)  # 1/4: 7,500 pixels; 1/2 would be 30,000
+    red, grey = image.getpixel((20, 37)), image.getpixel((80, 37))
+    assert red[0] > 150 > red[1] and min(grey) > 200
+    small = tmp_path / "small.png"
+    Image.new("RGB", (90, 90)).save(small)  # 8,100 pixels: under the limit, decoded as it is
+    assert load_image(small).size == (90, 90)
+    Image.new("RGB", (120, 90)).save(small)  # 10,800 pixels, not a JPEG: refused
+    with pytest.raises(ImageLoadError, match="small.png: too large to decode"):
+        load_image(small)
 
 
 def test_processor_reads_files_arrays_and_pil_images(tmp_path):

@@ -7,12 +7,15 @@ Random BLIP ignores the image: its captions are only checked to be there, never 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import shutil
 import socket
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,11 +31,15 @@ from tiny import (
 )
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install '.[space]')")
+from gradio.utils import get_upload_folder as gradio_upload_folder  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "space-screenshot.png"
 BEAMS, MAX_NEW_TOKENS = 3, 8
+NOT_UPLOADED_NOTICE = (
+    "⚠️ Not an uploaded image: upload it through the app (with gradio_client: handle_file(path))."
+)
 
 
 def free_port() -> int:
@@ -143,6 +150,10 @@ def test_huge_images_are_downscaled_and_bombs_refused(client, tmp_path):
     answer = ask(client, handle_file(wide))
     assert answer["notice"] == "Downscaled from 5000×1000 to 4096×819 before captioning."
     assert answer["ours"] and answer["blip"]
+    huge = tmp_path / "huge.png"
+    Image.new("1", (8000, 6000)).save(huge)  # 48 MP, not a JPEG: refused before decoding
+    answer = ask(client, handle_file(huge))
+    assert answer["notice"].startswith("⚠️ huge.png: too large to decode (8000×6000") and answer["ours"] == ""
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 10000)).save(bomb)  # 200 MP of zeros: a few kB on disk
     answer = ask(client, handle_file(bomb))
@@ -161,6 +172,82 @@ def test_an_unavailable_model_leaves_the_other_captioning(app, client, folders, 
     assert answer["ours"] == "" and answer["ours_status"].startswith("Could not load our model")
 
 
+# ----------------------------------------------------------------------------- hostile API callers
+
+
+def call_raw(base: str, data: list, deadline_s: float = 30.0) -> tuple[str, list | None, float]:
+    """POST /gradio_api/call/caption as a raw HTTP client would, then read the event stream until its
+    `complete` or `error` event: (event name, its data, seconds taken). Bounded by `deadline_s`."""
+    start = time.monotonic()
+    request = urllib.request.Request(
+        f"{base}/gradio_api/call/caption",
+        data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        event_id = json.load(response)["event_id"]
+    event = None
+    # Each read waits at most 10 s; gradio's heartbeats keep a stalled stream alive, so the deadline
+    # is checked between lines as well.
+    with urllib.request.urlopen(f"{base}/gradio_api/call/caption/{event_id}", timeout=10) as stream:
+        for raw in stream:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                payload = line.split(":", 1)[1].strip()
+                return event, json.loads(payload) if payload != "null" else None, time.monotonic() - start
+            if time.monotonic() - start > deadline_s:
+                break
+    raise TimeoutError(f"no answer to {data[0]!r} within {deadline_s} s")
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A named pipe nobody writes to: opening it for reading blocks until a writer comes."""
+    path = tmp_path / "pipe.png"
+    os.mkfifo(path)
+    try:
+        yield path
+    finally:
+        # Release a reader the app may have left blocked (the bug), so the other tests can run.
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def server_paths(folders: dict, tmp_path: Path, fifo: Path) -> dict[str, str]:
+    """Paths on the server that a caller names without uploading them; none may be opened."""
+    upload_dir = Path(gradio_upload_folder())
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    link = upload_dir / f"link-to-passwd-{os.getpid()}.png"  # inside the upload folder, pointing out of it
+    link.unlink(missing_ok=True)
+    link.symlink_to("/etc/passwd")
+    return {
+        "a system file": "/etc/passwd",
+        "a missing file": "/etc/nope",
+        "a directory": str(tmp_path),
+        "a named pipe": str(fifo),
+        "an image elsewhere on the server": str(folders["red"]),
+        "a link out of the upload folder": str(link),
+        "the upload folder itself": str(upload_dir),
+    }
+
+
+def test_only_uploaded_files_are_opened_whatever_path_a_caller_sends(app, client, folders, tmp_path, fifo):
+    _, base = app
+    for what, path in server_paths(folders, tmp_path, fifo).items():
+        event, answer, seconds = call_raw(base, [{"path": path}, BEAMS, MAX_NEW_TOKENS, False])
+        assert event == "complete", (what, event, answer)
+        notice, ours, _, _, blip, _ = answer
+        assert notice == NOT_UPLOADED_NOTICE, (what, notice)
+        assert ours == "" and blip == "" and seconds < 15, (what, ours, seconds)
+    # The same through gradio_client, with an untagged dict as the image.
+    assert ask(client, {"path": "/etc/passwd"})["notice"] == NOT_UPLOADED_NOTICE
+    # The server still answers, and a real upload still captions.
+    answer = ask(client, handle_file(folders["red"]))
+    assert answer["notice"] == "" and answer["ours"] == expected_caption(folders["ours"], folders["red"])
+
+
 # ----------------------------------------------------------------------------- the deployed shape
 
 # What space/README.md tells users to upload: Space file name -> file in this repo.
@@ -168,37 +255,108 @@ SPACE_FILES = {
     "README.md": "space/README.md",
     "requirements.txt": "space/requirements.txt",
     "space_app.py": "space_app.py",
+    "configuration_clip_lstm.py": "configuration_clip_lstm.py",
+    "modeling_clip_lstm.py": "modeling_clip_lstm.py",
     "processing.py": "processing.py",
 }
-# Run in the Space folder, where the rest of the project (training script, model code, package) is hidden.
+# Run in the Space folder, where the rest of the project (training script, package) is hidden.
 SPACE_HIDDEN = tuple(name for name in PROJECT_MODULES if f"{name}.py" not in SPACE_FILES)
-SPACE_IMPORT = r"""
-import json, sys
-import space_app
-answer = space_app.caption({"path": sys.argv[1], "orig_name": "red.png"}, 3, 8, False)
-print("RESULT " + json.dumps([space_app.OURS.error, space_app.BLIP.error, answer[1], answer[4]]))
+# A stand-in for the `spaces` package of a ZeroGPU Space: `spaces.GPU` records each call it wraps.
+FAKE_SPACES = """
+import functools
+calls = []
+def GPU(function):
+    @functools.wraps(function)
+    def on_gpu(*args, **kwargs):
+        calls.append(function.__name__)
+        return function(*args, **kwargs)
+    return on_gpu
 """
+SPACE_IMPORT = r"""
+import json, os, shutil, sys
+import space_app, spaces
+uploads = os.environ["GRADIO_TEMP_DIR"]  # where gradio would have put the upload
+os.makedirs(uploads, exist_ok=True)
+upload = shutil.copy(sys.argv[1], uploads)
+answer = space_app.caption({"path": upload, "orig_name": "red.png"}, 3, 8, False)
+refused = space_app.caption({"path": sys.argv[1]}, 3, 8, False)[0]
+print("RESULT " + json.dumps([space_app.OURS.error, space_app.BLIP.error, answer[1], answer[4], refused, spaces.calls]))
+"""
+
+
+def with_planted_code(model_dir: Path, folder: Path, marker: Path) -> Path:
+    """A copy of `model_dir` whose code files (config.json's auto_map points at them) write `marker`
+    when run: what a changed model repo could do to a Space that trusts remote code."""
+    shutil.copytree(model_dir, folder)
+    for name in ("configuration_clip_lstm.py", "modeling_clip_lstm.py", "processing.py"):
+        with open(folder / name, "a") as file:
+            file.write(f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text({name!r})\n")
+    return folder
 
 
 def test_space_metadata_and_the_uploaded_files_alone_run_the_app(folders, tmp_path):
     metadata = yaml.safe_load((REPO_ROOT / "space" / "README.md").read_text().split("---\n")[1])
     assert metadata["sdk"] == "gradio" and metadata["app_file"] == "space_app.py"
     assert int(metadata["sdk_version"].split(".")[0]) >= 5 and len(metadata["short_description"]) <= 60
+    # Spaces document 3.10 as the default python_version, and ZeroGPU runs 3.10 (or 3.12).
+    assert metadata["python_version"] in ("3.10", "3.12")
     space = tmp_path / "space-repo"
     space.mkdir()
     for name, source in SPACE_FILES.items():
         shutil.copy(REPO_ROOT / source, space / name)
+    (space / "spaces.py").write_text(FAKE_SPACES)  # as on a ZeroGPU Space
+    marker = tmp_path / "model-repo-code-ran"
     env = os.environ | {
-        "MODEL_ID": str(folders["ours"]),
+        "MODEL_ID": str(with_planted_code(folders["ours"], tmp_path / "model-repo", marker)),
         "BLIP_MODEL_ID": str(folders["blip"]),
         "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "GRADIO_TEMP_DIR": str(tmp_path / "gradio-uploads"),
     }
     done = run_fresh(SPACE_IMPORT, folders["red"], cwd=space, env=env, hidden=SPACE_HIDDEN, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    ours_error, blip_error, ours, blip = json.loads(result[len("RESULT ") :])
+    ours_error, blip_error, ours, blip, refused, gpu_calls = json.loads(result[len("RESULT ") :])
     assert ours_error == "" and blip_error == "" and blip
     assert ours == expected_caption(folders["ours"], folders["red"])
+    assert refused == NOT_UPLOADED_NOTICE  # a file outside the upload folder is not opened
+    assert gpu_calls == ["caption", "caption"]  # each request ran under spaces.GPU
+    assert not marker.exists(), f"the model repo's {marker.read_text()} ran in the Space"
+
+
+def test_hub_revisions_are_pinned_from_the_environment(app, monkeypatch):
+    """MODEL_REVISION / BLIP_REVISION reach every from_pretrained call (offline: the calls are recorded)."""
+    module, _ = app
+    seen = []
+
+    class Loaded:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+    def record(name):
+        def from_pretrained(source, **kwargs):
+            seen.append((name, kwargs.get("revision")))
+            return Loaded()
+
+        return from_pretrained
+
+    for cls in (
+        "ClipLstmForImageCaptioning",
+        "ClipLstmProcessor",
+        "BlipForConditionalGeneration",
+        "BlipProcessor",
+    ):
+        monkeypatch.setattr(getattr(module, cls), "from_pretrained", record(cls))
+    assert module.load_ours("me/clip-lstm", "0123abc").error == ""
+    assert module.load_blip("Salesforce/blip-image-captioning-base", "fedcba9").error == ""
+    assert seen == [
+        ("ClipLstmForImageCaptioning", "0123abc"),
+        ("ClipLstmProcessor", "0123abc"),
+        ("BlipForConditionalGeneration", "fedcba9"),
+        ("BlipProcessor", "fedcba9"),
+    ]
 
 
 # ----------------------------------------------------------------------------- a real browser
