@@ -465,19 +465,24 @@ def output_dir_lock(folder: Path):
         os.close(handle)
 
 
-def claim_output_dir(args, output_dir: Path) -> None:
-    """Refuse an output_dir that holds files unless resuming; with --overwrite_output_dir, delete the old run's files.
+def check_output_dir(args, output_dir: Path) -> None:
+    """Refuse an output_dir that holds files unless resuming or overwriting (read-only: every process
+    checks, so that all of them stop with the same line instead of one waiting at a barrier).
 
     A run mixed into another one's folder would replace its better model/ with its own epoch 1,
     prune its checkpoints by step, and `--resume_from_checkpoint latest` would pick the other run's.
     """
-    held = sorted(path.name for path in output_dir.iterdir() if path.name != LOCK_FILE)
-    if not held or args.resume_from_checkpoint:
-        return
-    if not args.overwrite_output_dir:
+    held = sorted(path.name for path in output_dir.iterdir() if path.name != LOCK_FILE) if output_dir.is_dir() else []
+    if held and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise UsageError(f"--output_dir {output_dir} already holds files ({shown}): pass --resume_from_checkpoint "
                          "latest to continue that run, --overwrite_output_dir to replace it, or another --output_dir")
+
+
+def clear_previous_run(args, output_dir: Path) -> None:
+    """With --overwrite_output_dir, delete the earlier run's files (RUN_OUTPUTS) before this run writes any."""
+    if not args.overwrite_output_dir:
+        return
     removed = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     for name in removed:
         path = output_dir / name
@@ -637,7 +642,9 @@ def train(args: argparse.Namespace) -> dict:
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:  # the one process that writes run files owns the folder
             stack.enter_context(output_dir_lock(output_dir))
-            claim_output_dir(args, output_dir)
+        check_output_dir(args, output_dir)
+        if accelerator.is_main_process:
+            clear_previous_run(args, output_dir)
             recover_interrupted_save(output_dir / MODEL_FOLDER)
         accelerator.wait_for_everyone()
         checkpoint = find_checkpoint(args)  # before any work: a broken one is named at once
