@@ -500,7 +500,9 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         """Set the decoder's feature standardisation from (N, D) raw training features.
 
         Call once before training (train_accelerate.py does); the statistics are buffers saved
-        with the weights, so a checkpoint alone reproduces the model.
+        with the weights, so a checkpoint alone reproduces the model. Rows with NaN/inf (a broken
+        feature) are left out; with a single row there is no spread to measure, so the features are
+        only centred (std 1), not divided by a NaN. No finite row at all is a ValueError.
 
         Example:
             >>> vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # a tiny CLIP tower
@@ -517,9 +519,13 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         decoder = self.decoder
         decoder.image_embeds_mean.zero_()
         decoder.image_embeds_std.fill_(1.0)
-        features = decoder.prepare_image_embeds(image_embeds.to(decoder.image_embeds_mean.device))
+        features = decoder.prepare_image_embeds(image_embeds.to(decoder.image_embeds_mean.device))  # (N, D)
+        features = features[features.isfinite().all(dim=1)]
+        if len(features) == 0:
+            raise ValueError(f"fit_image_statistics: no finite feature row among {len(image_embeds)}")
         decoder.image_embeds_mean.copy_(features.mean(dim=0))
-        decoder.image_embeds_std.copy_(features.std(dim=0).clamp_min(1e-6))
+        if len(features) > 1:  # the std of one row is NaN (N - 1 = 0 degrees of freedom)
+            decoder.image_embeds_std.copy_(features.std(dim=0).clamp_min(1e-6))
 
     def train(self, mode: bool = True):
         super().train(mode)

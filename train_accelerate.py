@@ -12,6 +12,8 @@ loss, sample captions, early stopping, the best model saved atomically), and the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import json
 import math
@@ -23,11 +25,20 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import load as load_accelerate_file
 from accelerate.utils import set_seed
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, get_scheduler
 
-from clip_lstm_captioner.cli import DEMO_OUTPUT_DIR, MODEL_FOLDER, loading, run_cli
+from clip_lstm_captioner.cli import (
+    DEMO_OUTPUT_DIR,
+    MODEL_FOLDER,
+    loading,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 from clip_lstm_captioner.data import add_data_args, dataset_from_args
 from clip_lstm_captioner.embedding_cache import cache_image_embeds, image_embeds_of, weights_digest
 from clip_lstm_captioner.errors import UsageError
@@ -38,7 +49,14 @@ from clip_lstm_captioner.shapes import read_scenes, shapes_root
 from configuration_clip_lstm import ClipLstmConfig
 from evaluate_model import evaluate_captioner
 from modeling_clip_lstm import DEFAULT_VISION_MODEL, ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor, build_caption_tokenizer, image_processor_for, load_clip_tokenizer
+from processing import (
+    CaptionerError,
+    ClipLstmProcessor,
+    build_caption_tokenizer,
+    first_line,
+    image_processor_for,
+    load_clip_tokenizer,
+)
 
 # The demo's CLIP tower: small patches on the 96 px shapes images. `--vision_model pretrain` (the
 # demo's) trains it contrastively on the training split first (clip_lstm_captioner/pretraining.py);
@@ -56,7 +74,8 @@ DEMO_DEFAULTS = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
     # Left as written (fmt: off above): the formatter would spread each flag over five lines.
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="train_accelerate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true",
                         help="The offline demo: shapes set, a small random CLIP tower, a small decoder, "
                         f"output in {DEMO_OUTPUT_DIR}; explicit flags still win.")
@@ -69,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--vision_config", default=None,
                        help="With --vision_model random or pretrain: a CLIPVisionConfig as JSON text or a "
                        "config.json path (default: the demo's small tower).")
-    model.add_argument("--pretrain_steps", type=int, default=400,
+    model.add_argument("--pretrain_steps", type=positive_int, default=400,
                        help="With --vision_model pretrain: contrastive steps (batch 128); the result is cached.")
     model.add_argument("--image_feature", choices=("pooled", "projected"), default="pooled",
                        help="CLIP feature fed to the decoder: pooled CLS token or projected embedding.")
@@ -78,45 +97,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--tokenizer", default="captions",
                        help="'captions' builds a word-level tokenizer from the training captions; or a CLIP "
                        "tokenizer's Hub id or folder (BPE, 49,409 tokens with its pad token).")
-    model.add_argument("--min_word_frequency", type=int, default=5,
+    model.add_argument("--min_word_frequency", type=positive_int, default=5,
                        help="With --tokenizer captions: words seen fewer times become <unk>.")
-    model.add_argument("--max_caption_length", type=int, default=64, help="Captions are cut to this many tokens.")
-    model.add_argument("--embed_dim", type=int, default=512, help="Token embedding width.")
-    model.add_argument("--hidden_size", type=int, default=512, help="LSTM hidden size.")
-    model.add_argument("--num_layers", type=int, default=1, help="Stacked LSTM layers.")
-    model.add_argument("--dropout", type=float, default=0.2, help="Dropout on LSTM inputs, between layers, before the head.")
+    model.add_argument("--max_caption_length", type=positive_int, default=64, help="Captions are cut to this many tokens.")
+    model.add_argument("--embed_dim", type=positive_int, default=512, help="Token embedding width.")
+    model.add_argument("--hidden_size", type=positive_int, default=512, help="LSTM hidden size.")
+    model.add_argument("--num_layers", type=positive_int, default=1, help="Stacked LSTM layers.")
+    model.add_argument("--dropout", type=dropout_rate, default=0.2, help="Dropout on LSTM inputs, between layers, before the head.")
     train = parser.add_argument_group("training")
-    train.add_argument("--batch_size", type=int, default=256, help="Captions per batch and process.")
-    train.add_argument("--learning_rate", type=float, default=1e-3, help="Peak AdamW learning rate.")
-    train.add_argument("--num_epochs", type=int, default=30, help="Maximum number of epochs.")
-    train.add_argument("--max_train_steps", type=int, default=None,
+    train.add_argument("--batch_size", type=positive_int, default=256, help="Captions per batch and process.")
+    train.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Peak AdamW learning rate.")
+    train.add_argument("--num_epochs", type=positive_int, default=30, help="Maximum number of epochs.")
+    train.add_argument("--max_train_steps", type=positive_int, default=None,
                        help="Stop after this many optimizer steps (overrides --num_epochs; for tests and smoke runs).")
     train.add_argument("--lr_scheduler", default="cosine",
                        choices=("linear", "cosine", "constant", "constant_with_warmup"), help="Learning-rate schedule.")
-    train.add_argument("--warmup_ratio", type=float, default=0.03, help="Fraction of steps spent warming up.")
-    train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    train.add_argument("--warmup_ratio", type=fraction, default=0.03, help="Fraction of steps spent warming up.")
+    train.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="AdamW weight decay.")
+    train.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="Gradient clipping norm (0 disables).")
+    train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="Batches per optimizer step.")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                        help="Mixed precision (default: what `accelerate launch` says, else no).")
     train.add_argument("--seed", type=int, default=42, help="Seed for weights, shuffling and dropout.")
-    train.add_argument("--patience", type=int, default=5,
+    train.add_argument("--patience", type=positive_int, default=5,
                        help="Stop after this many epochs without a better validation loss.")
-    train.add_argument("--embed_batch_size", type=int, default=256, help="Images per CLIP batch when caching.")
-    train.add_argument("--num_workers", type=int, default=None, help="Image-decoding workers when caching.")
+    train.add_argument("--embed_batch_size", type=positive_int, default=256, help="Images per CLIP batch when caching.")
+    train.add_argument("--num_workers", type=non_negative_int, default=None, help="Image-decoding workers when caching.")
     out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", default="outputs/run", help="Run folder: model/, checkpoints/, loss curve, logs.")
-    out.add_argument("--checkpointing_steps", default=None,
+    out.add_argument("--output_dir", default="outputs/run",
+                     help="Run folder: model/, checkpoints/, loss curve, logs. One run per folder: a folder "
+                     "that already holds files is refused unless you resume or pass --overwrite_output_dir.")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="Train into an output_dir that holds an earlier run: that run's files (model/, "
+                     "checkpoints/, eval/, samples.jsonl, trainer_state.json, loss_curve.png, tracker logs) are "
+                     "deleted first; other files are left alone.")
+    out.add_argument("--checkpointing_steps", type=steps_or_epoch, default=None,
                      help="Save the training state every N optimizer steps, or 'epoch'.")
-    out.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep this many newest checkpoints.")
+    out.add_argument("--checkpoints_total_limit", type=positive_int, default=2, help="Keep this many newest checkpoints.")
     out.add_argument("--resume_from_checkpoint", default=None,
                      help="A checkpoint folder, or 'latest' for the newest in output_dir/checkpoints.")
     out.add_argument("--report_to", choices=("none", "tensorboard", "trackio", "all"), default="none",
                      help="Experiment tracker for losses and learning rate.")
-    out.add_argument("--num_sample_images", type=int, default=4,
+    out.add_argument("--num_sample_images", type=non_negative_int, default=4,
                      help="Validation images captioned after each epoch so you can watch the model learn.")
-    out.add_argument("--num_beams", type=int, default=5, help="Beam width of the saved generation config.")
-    out.add_argument("--max_new_tokens", type=int, default=30, help="Caption length limit of the saved generation config.")
+    out.add_argument("--num_beams", type=positive_int, default=5, help="Beam width of the saved generation config.")
+    out.add_argument("--max_new_tokens", type=positive_int, default=30, help="Caption length limit of the saved generation config.")
     out.add_argument("--no_eval", action="store_true",
                      help="Skip the final test-split evaluation (metrics, report, gallery) of the best model.")
     out.add_argument("--no_meteor", action="store_true", help="Leave METEOR (a Java process) out of the final evaluation.")
@@ -126,7 +151,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
         parser.set_defaults(**DEMO_DEFAULTS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would read; "
+                     "pass one of them")
+    return args
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def steps_or_epoch(text: str) -> int | str:
+    """argparse type of --checkpointing_steps: 'epoch' or a positive number of optimizer steps.
+
+    >>> steps_or_epoch("epoch"), steps_or_epoch("500")
+    ('epoch', 500)
+    """
+    return "epoch" if text == "epoch" else positive_int(text)
+
+
+def _float_in(text: str, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    value = float(text)
+    inside = math.isfinite(value) and (low < value if low_open else low <= value)
+    inside = inside and (value < high if high_open else value <= high)
+    if not inside:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise argparse.ArgumentTypeError(f"must be a number in {bounds}, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rate)."""
+    return _float_in(text, 0.0, math.inf, low_open=True, high_open=True)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (weight decay, gradient clipping norm)."""
+    return _float_in(text, 0.0, math.inf, low_open=False, high_open=True)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (warmup ratio)."""
+    return _float_in(text, 0.0, 1.0, low_open=False, high_open=False)
+
+
+def dropout_rate(text: str) -> float:
+    """argparse type: a probability in [0, 1); dropout 1 would zero every input.
+
+    >>> dropout_rate("0.2")
+    0.2
+    """
+    return _float_in(text, 0.0, 1.0, low_open=False, high_open=True)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -341,25 +416,208 @@ def plot_losses(history: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+# ----------------------------------------------------------------------------- one run per folder
+
+LOCK_FILE = ".train_accelerate.lock"
+# What a run writes into its output_dir (`--overwrite_output_dir` deletes exactly these; the tracker
+# logs go to <output_dir>/<project name>, see `init_trackers`).
+TRACKER_PROJECT = "clip-lstm-captioner"
+RUN_OUTPUTS = (MODEL_FOLDER, f".{MODEL_FOLDER}.tmp", f".{MODEL_FOLDER}.old", "checkpoints", "eval", "samples.jsonl",
+               "trainer_state.json", "loss_curve.png", TRACKER_PROJECT)
+
+
+class TrainingError(CaptionerError, RuntimeError):
+    """A run that cannot go on (a full disk, a diverged loss); the message says what was kept."""
+
+
+@contextlib.contextmanager
+def output_dir_lock(folder: Path):
+    """Hold an exclusive lock on `folder` (creating it) for one training run; yields the lock file.
+
+    `fcntl.flock` on `folder/.train_accelerate.lock`, which holds the holder's pid for the error
+    message. The kernel drops the lock when its process dies (SIGKILL included), so a stale lock
+    file left by a dead run is simply locked again: no pid guessing, no pid-reuse race. The file
+    is removed on exit; a run that opened it just before checks that it locked the file still in place.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    for _ in range(5):  # bounded: each retry means another run just released and removed the file
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(handle)
+            raise UsageError(f"--output_dir {folder}: in use by another training run (pid {holder}, lock file "
+                             f"{path}); wait for it to end or choose another --output_dir") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle).st_ino:
+            break
+        os.close(handle)
+    else:
+        raise UsageError(f"--output_dir {folder}: could not take the lock {path}; try again")
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # before closing: whoever waits then locks a file that is gone and retries
+        os.close(handle)
+
+
+def check_output_dir(args, output_dir: Path) -> None:
+    """Refuse an output_dir that holds files unless resuming or overwriting (read-only: every process
+    checks, so that all of them stop with the same line instead of one waiting at a barrier).
+
+    A run mixed into another one's folder would replace its better model/ with its own epoch 1,
+    prune its checkpoints by step, and `--resume_from_checkpoint latest` would pick the other run's.
+    """
+    held = sorted(path.name for path in output_dir.iterdir() if path.name != LOCK_FILE) if output_dir.is_dir() else []
+    if held and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise UsageError(f"--output_dir {output_dir} already holds files ({shown}): pass --resume_from_checkpoint "
+                         "latest to continue that run, --overwrite_output_dir to replace it, or another --output_dir")
+
+
+def clear_previous_run(args, output_dir: Path) -> None:
+    """With --overwrite_output_dir, delete the earlier run's files (RUN_OUTPUTS) before this run writes any."""
+    if not args.overwrite_output_dir:
+        return
+    removed = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    for name in removed:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    print(f"--overwrite_output_dir: removed the previous run's {', '.join(removed) or 'nothing'} from {output_dir}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+# Written by accelerator.save_state (model, optimizer, schedule) and by us, last, before the rename.
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin", "trainer_state.json")
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("_")[1])
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint (one phrase), or None when it looks whole."""
+    if not folder.is_dir():
+        return "no such folder"
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        return f"incomplete, no {', '.join(missing)}"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"trainer_state.json is unreadable ({first_line(error)})"
+    try:
+        with safe_open(folder / "model.safetensors", "pt") as weights:  # reads and checks the header only
+            weights.keys()
+    except (OSError, SafetensorError) as error:
+        return f"model.safetensors is unreadable ({first_line(error)})"
+    return None
+
+
 def find_checkpoint(args) -> Path | None:
+    """The checkpoint to resume from: the named folder (refused in one line if broken), or for
+    'latest' the newest complete one in output_dir/checkpoints, skipping broken ones with a warning."""
     if args.resume_from_checkpoint in (None, ""):
         return None
     if args.resume_from_checkpoint != "latest":
-        return Path(args.resume_from_checkpoint)
-    found = sorted((Path(args.output_dir) / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return found[-1] if found else None
+        folder = Path(args.resume_from_checkpoint)
+        if problem := checkpoint_problem(folder):
+            raise UsageError(f"--resume_from_checkpoint {folder}: not a usable checkpoint: {problem}")
+        return folder
+    folders = sorted((Path(args.output_dir) / "checkpoints").glob("step_*"), key=step_of, reverse=True)
+    for folder in folders:
+        if (problem := checkpoint_problem(folder)) is None:
+            return folder
+        print(f"train_accelerate.py: warning: skipping checkpoint {folder}: {problem}", file=sys.stderr)
+    if any(path.name != LOCK_FILE for path in Path(args.output_dir).glob("*")):
+        raise UsageError(f"--resume_from_checkpoint latest: no complete checkpoint in {args.output_dir}/checkpoints; "
+                         "pass --overwrite_output_dir to start that run over")
+    return None  # nothing to resume in an empty folder: a fresh start, as in accelerate's examples
+
+
+def load_checkpoint(accelerator, folder: Path) -> dict:
+    """Restore weights, optimizer, schedule and RNG states; returns the loop state saved with them."""
+    try:
+        accelerator.load_state(str(folder))
+    except (OSError, RuntimeError, SafetensorError, EOFError, ValueError) as error:
+        raise UsageError(f"--resume_from_checkpoint {folder}: cannot load it ({first_line(error)})") from None
+    check_random_states(folder, accelerator.process_index)
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def check_random_states(folder: Path, process_index: int) -> None:
+    """Warn when this process's RNG states were not restored: accelerate only logs that at INFO level,
+    and the run then draws different dropout masks than the uninterrupted one would have."""
+    path = folder / f"random_states_{process_index}.pkl"
+    try:
+        states = load_accelerate_file(path)  # the call accelerate's load_state makes
+        restored = torch.equal(torch.get_rng_state(), states["torch_manual_seed"])
+        reason = None if restored else "its torch state was not applied"
+    except Exception as error:  # whatever accelerate's own `except Exception` swallowed
+        reason = first_line(error) or type(error).__name__
+    if reason:
+        print(f"train_accelerate.py: warning: {path} could not be restored ({reason}); the run goes on with fresh "
+              "random states, so it will not be bit-identical to an uninterrupted one", file=sys.stderr)
 
 
 def save_checkpoint(accelerator, args, state: dict) -> None:
-    """accelerate's save_state (weights, optimizer, schedule, RNGs) plus our loop counters."""
-    folder = Path(args.output_dir) / "checkpoints" / f"step_{state['step']}"
-    accelerator.save_state(str(folder))
+    """accelerate's save_state (weights, optimizer, schedule, RNGs) plus our loop counters, written
+    into `checkpoints/.step_N.tmp` and renamed to `step_N` only when complete (a kill mid-save leaves
+    no `step_N` that looks resumable); then only the newest `--checkpoints_total_limit` are kept."""
+    checkpoints = Path(args.output_dir) / "checkpoints"
+    folder = checkpoints / f"step_{state['step']}"
+    temporary = checkpoints / f".{folder.name}.tmp"
     if accelerator.is_main_process:
-        write_text_atomic(folder / "trainer_state.json", json.dumps(state, indent=2))
-        older = sorted(folder.parent.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(temporary))
+        if accelerator.is_main_process:
+            write_text_atomic(temporary / "trainer_state.json", json.dumps(state, indent=2))
+    except (OSError, RuntimeError, SafetensorError) as error:  # a full disk shows up as any of these
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise TrainingError(f"cannot write the checkpoint {folder}: {first_line(error)}; "
+                            "the earlier checkpoints are kept") from None
+    accelerator.wait_for_everyone()  # every process's random states are in before the rename
+    if accelerator.is_main_process:
+        replace_folder(temporary, folder)
+        older = sorted(checkpoints.glob("step_*"), key=step_of)
         for stale in older[: -args.checkpoints_total_limit]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def replace_folder(source: Path, destination: Path) -> None:
+    """Rename `source` to `destination`, replacing a folder already there (a step saved twice)."""
+    if destination.exists():
+        previous = destination.with_name(f".{destination.name}.old")
+        os.replace(destination, previous)
+        os.replace(source, destination)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.replace(source, destination)
+
+
+def save_best_model(model, processor, folder: Path, run_args: dict) -> None:
+    """`save_model_atomically`, with a full disk (OSError, or a SafetensorError or RuntimeError from
+    the serialisers, which are not OSErrors) reported in one line."""
+    try:
+        save_model_atomically(model, processor, folder, run_args)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise TrainingError(f"cannot save the best model to {folder}: {first_line(error)}; "
+                            "the previous best model (if any) is kept") from None
+
+
+def check_finite(state: dict, name: str, loss: float) -> None:
+    """Stop on a NaN/inf loss before anything is saved: a diverged model must not become 'the best'."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"epoch {state['epoch'] + 1}, step {state['step']}: the {name} loss is {loss}; stopped "
+                            "without saving (try a lower --learning_rate, or check the data)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -371,7 +629,7 @@ def main(argv=None) -> dict:
 
 
 def train(args: argparse.Namespace) -> dict:
-    """The steps of training, in order; `main` parses the flags."""
+    """Set up the accelerator, take the output folder for this run (locked), then `run_training`."""
     output_dir = Path(args.output_dir)
     trackers = check_trackers(args.report_to)
     accelerator = Accelerator(
@@ -381,10 +639,22 @@ def train(args: argparse.Namespace) -> dict:
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:  # the one process that writes run files owns the folder
+            stack.enter_context(output_dir_lock(output_dir))
+        check_output_dir(args, output_dir)
+        if accelerator.is_main_process:
+            clear_previous_run(args, output_dir)
+            recover_interrupted_save(output_dir / MODEL_FOLDER)
+        accelerator.wait_for_everyone()
+        checkpoint = find_checkpoint(args)  # before any work: a broken one is named at once
+        return run_training(args, accelerator, trackers, checkpoint)
+
+
+def run_training(args, accelerator, trackers: list[str] | None, checkpoint: Path | None) -> dict:
+    """The steps of training, in order: data, model, cache, optimizer, prepare, resume, loop, finish."""
+    output_dir = Path(args.output_dir)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        recover_interrupted_save(output_dir / MODEL_FOLDER)
     accelerator.print(f"processes: {accelerator.num_processes}, device: {accelerator.device}")
 
     # Data, tokenizer, model; the CLIP embeddings are computed once (main process first, then read from cache).
@@ -422,62 +692,64 @@ def train(args: argparse.Namespace) -> dict:
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     if trackers:
-        accelerator.init_trackers("clip-lstm-captioner", config={k: v for k, v in vars(args).items() if v is not None})
+        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in vars(args).items() if v is not None})
 
     # Re-seed so that dropout does not depend on whether the embedding cache was hit or computed
     # (its DataLoader draws from the global RNG): a resumed run then matches an uninterrupted one.
     set_seed(args.seed)
     # Resume: weights, optimizer, schedule and RNG states, then skip the batches already seen.
     state = dict(step=0, epoch=0, batches_done=0, epoch_loss_sum=0.0, history=[], best_val_loss=None, bad_epochs=0)
-    checkpoint = find_checkpoint(args)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = load_checkpoint(accelerator, checkpoint)  # this run's counters, best_val_loss included
         accelerator.print(f"resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']})")
 
-    run_args = {**vars(args), "num_processes": accelerator.num_processes}
-    progress = tqdm(total=max_steps, initial=state["step"], desc="training", disable=not accelerator.is_local_main_process)
-    model.train()
-    while state["step"] < max_steps and state["epoch"] < args.num_epochs:
-        train_loader.set_epoch(state["epoch"])
-        batches = accelerator.skip_first_batches(train_loader, state["batches_done"]) if state["batches_done"] else train_loader
-        running_loss = torch.tensor(state["epoch_loss_sum"], device=accelerator.device)  # resumed mid-epoch: not 0
-        for batch in batches:
-            running_loss += training_step(model, batch, accelerator, optimizer, scheduler, args.max_grad_norm)
-            state["batches_done"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            progress.update(1)
-            if args.checkpointing_steps not in (None, "epoch") and state["step"] % int(args.checkpointing_steps) == 0:
-                state["epoch_loss_sum"] = float(accelerator.reduce(running_loss, "mean"))
+    # What the Accelerator used (the flag, else `accelerate launch --mixed_precision` or `accelerate config`).
+    run_args = {**vars(args), "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes}
+    # a `with`: the bar is closed on an error too, so the one-line error gets a line of its own
+    with tqdm(total=max_steps, initial=state["step"], desc="training", disable=not accelerator.is_local_main_process) as progress:
+        model.train()
+        while state["step"] < max_steps and state["epoch"] < args.num_epochs:
+            train_loader.set_epoch(state["epoch"])
+            batches = accelerator.skip_first_batches(train_loader, state["batches_done"]) if state["batches_done"] else train_loader
+            running_loss = torch.tensor(state["epoch_loss_sum"], device=accelerator.device)  # resumed mid-epoch: not 0
+            for batch in batches:
+                running_loss += training_step(model, batch, accelerator, optimizer, scheduler, args.max_grad_norm)
+                state["batches_done"] += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state["step"] += 1
+                progress.update(1)
+                if args.checkpointing_steps not in (None, "epoch") and state["step"] % int(args.checkpointing_steps) == 0:
+                    state["epoch_loss_sum"] = float(accelerator.reduce(running_loss, "mean"))
+                    check_finite(state, "training", state["epoch_loss_sum"])
+                    save_checkpoint(accelerator, args, state)
+                if state["step"] >= max_steps:
+                    break
+            if state["step"] >= max_steps and state["batches_done"] < len(train_loader):
+                break  # stopped mid-epoch by --max_train_steps: an interrupted run, resumable from its checkpoint
+            # End of an epoch: validation loss, sample captions, best model, early stopping.
+            train_loss = float(accelerator.reduce(running_loss, "mean")) / state["batches_done"]
+            val_loss = validation_loss(model, val_loader, accelerator)
+            check_finite(state, "training", train_loss)
+            check_finite(state, "validation", val_loss)
+            state["history"].append(dict(epoch=state["epoch"] + 1, step=state["step"], train_loss=train_loss, val_loss=val_loss))
+            accelerator.log({"train_loss": train_loss, "val_loss": val_loss, "lr": scheduler.get_last_lr()[0]}, step=state["step"])
+            improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+            state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+            state["epoch"] += 1
+            state["batches_done"], state["epoch_loss_sum"] = 0, 0.0
+            if accelerator.is_main_process:
+                samples = sample_captions(unwrapped, processor, splits["validation"], args.num_sample_images)
+                report_epoch(state, samples, output_dir, improved)
+                if improved:
+                    save_best_model(unwrapped, processor, output_dir / MODEL_FOLDER, run_args)
+            accelerator.wait_for_everyone()
+            if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, args, state)
-            if state["step"] >= max_steps:
+            if state["bad_epochs"] >= args.patience:
+                accelerator.print(f"early stopping: no better validation loss for {args.patience} epochs")
                 break
-        if state["step"] >= max_steps and state["batches_done"] < len(train_loader):
-            break  # stopped mid-epoch by --max_train_steps: an interrupted run, resumable from its checkpoint
-        # End of an epoch: validation loss, sample captions, best model, early stopping.
-        train_loss = float(accelerator.reduce(running_loss, "mean")) / state["batches_done"]
-        val_loss = validation_loss(model, val_loader, accelerator)
-        state["history"].append(dict(epoch=state["epoch"] + 1, step=state["step"], train_loss=train_loss, val_loss=val_loss))
-        accelerator.log({"train_loss": train_loss, "val_loss": val_loss, "lr": scheduler.get_last_lr()[0]}, step=state["step"])
-        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
-        state["best_val_loss"] = val_loss if improved else state["best_val_loss"]
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        state["epoch"] += 1
-        state["batches_done"], state["epoch_loss_sum"] = 0, 0.0
-        if accelerator.is_main_process:
-            samples = sample_captions(unwrapped, processor, splits["validation"], args.num_sample_images)
-            report_epoch(state, samples, output_dir, improved)
-            if improved:
-                save_model_atomically(unwrapped, processor, output_dir / MODEL_FOLDER, run_args)
-        accelerator.wait_for_everyone()
-        if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, args, state)
-        if state["bad_epochs"] >= args.patience:
-            accelerator.print(f"early stopping: no better validation loss for {args.patience} epochs")
-            break
-    progress.close()
     accelerator.end_training()
     if accelerator.is_main_process and state["history"]:
         summary = dict(state, num_processes=accelerator.num_processes, model_dir=str(output_dir / MODEL_FOLDER))

@@ -16,10 +16,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import yaml
-from huggingface_hub import CommitInfo, HfApi, constants
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData, constants
 from safetensors import safe_open
 
 from modeling_clip_lstm import ClipLstmForImageCaptioning
@@ -125,32 +123,59 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def model_index(
-    report: dict | None, model_name: str, dataset_name: str | None = None, model_key: str = "ours"
-) -> list:
-    """The Hub's `model-index` (a list of one entry) for `report["models"][model_key]`; [] without metrics.
+def _metric_args(key: str) -> dict | None:
+    """What tells same-type metrics apart on the Hub: BLEU-n is `bleu` with `max_order: n` (evaluate's name)."""
+    return {"max_order": int(key.rsplit("_", 1)[1])} if key.startswith("bleu_") else None
+
+
+def eval_results(
+    report: dict | None, dataset_name: str | None = None, model_key: str = "ours"
+) -> list[EvalResult]:
+    """huggingface_hub `EvalResult`s for `report["models"][model_key]`, on the report's 0-1 scale.
 
     Missing keys are skipped: a report without a split gets none, one without metrics gives [].
 
     Example:
         >>> report = {"dataset": "jxie/flickr8k", "split": "test", "models": {"ours": {"bleu_4": 0.21}}}
-        >>> model_index(report, "clip-lstm")[0]["results"][0]["metrics"]
-        [{'type': 'bleu', 'name': 'BLEU-4', 'value': 0.21}]
+        >>> [(r.metric_name, r.metric_type, r.metric_args, r.metric_value) for r in eval_results(report)]
+        [('BLEU-4', 'bleu', {'max_order': 4}, 0.21)]
     """
     metrics = _metrics_of(report, model_key)
-    entries = [
-        {"type": hub_id, "name": label, "value": round(float(metrics[key]), 4)}
+    data = describe_dataset(dataset_name or (report or {}).get("dataset"))
+    split = (report or {}).get("split")
+    return [
+        EvalResult(
+            task_type="image-to-text",
+            task_name="Image Captioning",
+            dataset_type=data["id"] or data["slug"],
+            dataset_name=data["name"],
+            dataset_split=str(split) if split else None,
+            metric_type=hub_id,
+            metric_name=label,
+            metric_value=round(float(metrics[key]), 4),
+            metric_args=_metric_args(key),
+        )
         for key, (label, hub_id) in METRICS.items()
         if _is_number(metrics.get(key))
     ]
-    if not entries:
+
+
+def model_index(
+    report: dict | None, model_name: str, dataset_name: str | None = None, model_key: str = "ours"
+) -> list:
+    """The Hub's `model-index` (a list of one entry) for `report["models"][model_key]`; [] without metrics.
+
+    Built by huggingface_hub's `ModelCardData` from `eval_results`.
+
+    Example:
+        >>> report = {"dataset": "jxie/flickr8k", "split": "test", "models": {"ours": {"bleu_4": 0.21}}}
+        >>> model_index(report, "clip-lstm")[0]["results"][0]["metrics"]
+        [{'type': 'bleu', 'value': 0.21, 'name': 'BLEU-4', 'args': {'max_order': 4}}]
+    """
+    results = eval_results(report, dataset_name, model_key)
+    if not results:
         return []
-    data = describe_dataset(dataset_name or report.get("dataset"))
-    dataset = {"type": data["id"] or data["slug"], "name": data["name"]}
-    if report.get("split"):
-        dataset["split"] = str(report["split"])
-    task = {"type": "image-to-text", "name": "Image Captioning"}
-    return [{"name": model_name, "results": [{"task": task, "dataset": dataset, "metrics": entries}]}]
+    return ModelCardData(model_name=model_name, eval_results=results).to_dict()["model-index"]
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -203,8 +228,12 @@ def _evaluation(report: dict | None) -> str:
     generation = report.get("generation")
     if isinstance(generation, dict) and generation:
         facts.append("decoding: " + ", ".join(f"{k}={v}" for k, v in generation.items()))
+    scale = (
+        f"Scores are on a 0-1 scale, as in `{REPORT_FILE}` and this card's metadata (`report.md` and "
+        "caption papers print them x100)."
+    )
     return "\n\n".join(
-        ["## Evaluation", "; ".join(facts), _table(["model"] + [METRICS[k][0] for k in keys], rows)]
+        ["## Evaluation", "; ".join(facts), _table(["model"] + [METRICS[k][0] for k in keys], rows), scale]
     )
 
 
@@ -254,14 +283,9 @@ def _training_dataset(training_args: dict | None) -> str | None:
     return None
 
 
-def _metadata(report: dict | None, training_args: dict | None, dataset: dict, repo_id: str) -> dict:
-    index = model_index(report, repo_id.split("/")[-1], dataset_name=(report or {}).get("dataset"))
-    metadata: dict[str, Any] = {
-        "license": LICENSE,
-        "library_name": "transformers",
-        "pipeline_tag": "image-to-text",
-        "tags": ["image-captioning", "clip", "lstm", "custom_code"],
-    }
+def _metadata(report: dict | None, training_args: dict | None, dataset: dict, repo_id: str) -> ModelCardData:
+    """The card's YAML metadata: licence, pipeline tag, base model, datasets, metrics and model-index."""
+    results = eval_results(report, dataset_name=(report or {}).get("dataset"))
     base = next(
         (
             training_args[k]
@@ -270,14 +294,17 @@ def _metadata(report: dict | None, training_args: dict | None, dataset: dict, re
         ),
         None,
     )
-    if base and "/" in base and is_hub_id(base):
-        metadata["base_model"] = base
-    if dataset["id"]:
-        metadata["datasets"] = [dataset["id"]]
-    if index:
-        metadata["metrics"] = sorted({metric["type"] for metric in index[0]["results"][0]["metrics"]})
-        metadata["model-index"] = index
-    return metadata
+    return ModelCardData(
+        license=LICENSE,
+        library_name="transformers",
+        pipeline_tag="image-to-text",
+        tags=["image-captioning", "clip", "lstm", "custom_code"],
+        base_model=base if base and "/" in base and is_hub_id(base) else None,
+        datasets=[dataset["id"]] if dataset["id"] else None,
+        metrics=sorted({result.metric_type for result in results}) or None,
+        model_name=repo_id.split("/")[-1] if results else None,
+        eval_results=results or None,
+    )
 
 
 def write_model_card(
@@ -287,7 +314,8 @@ def write_model_card(
     training_args: dict | str | os.PathLike | None = None,
     repo_id: str = "your-name/clip-lstm-captioner",
 ) -> Path:
-    """Write `folder/README.md`: YAML metadata (licence, pipeline tag, datasets, model-index) and the card.
+    """Write `folder/README.md`: YAML metadata (licence, pipeline tag, datasets, model-index) and the card,
+    built with huggingface_hub's `ModelCard` / `ModelCardData` / `EvalResult`.
 
     `folder` is a saved model (its config.json and weights describe the architecture); `report` is
     evaluate_model.py's report (dict or path), `training_args` the run's saved arguments.
@@ -314,11 +342,10 @@ def write_model_card(
         "## Limitations\n\nCaptions are short, literal and English; the model knows only what its training data "
         "shows and repeats that data's biases. Compare with BLIP before relying on it.",
     ]
-    front_matter = yaml.safe_dump(
-        _metadata(report, training_args, dataset, repo_id), sort_keys=False, allow_unicode=True
-    )
+    metadata = _metadata(report, training_args, dataset, repo_id)
+    card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
     path = folder / "README.md"
-    write_text_atomic(path, f"---\n{front_matter}---\n\n" + "\n\n".join(sections) + "\n")
+    write_text_atomic(path, str(card))
     return path
 
 
@@ -406,4 +433,4 @@ def publish(
         return api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=commit_message)
 
 
-__all__ = ["describe_dataset", "model_index", "publish", "save_for_hub", "write_model_card"]
+__all__ = ["describe_dataset", "eval_results", "model_index", "publish", "save_for_hub", "write_model_card"]

@@ -305,9 +305,29 @@ def test_model_index_tolerates_missing_keys():
     flat = model_index({"bleu_4": 0.25, "cider": "n/a"}, "m")  # a flat report, a non-number skipped
     (result,) = flat[0]["results"]
     assert result["dataset"] == {"type": "unknown", "name": "unknown"}
-    assert result["metrics"] == [{"type": "bleu", "name": "BLEU-4", "value": 0.25}]
+    assert result["metrics"] == [{"type": "bleu", "name": "BLEU-4", "value": 0.25, "args": {"max_order": 4}}]
     shapes = model_index({"dataset": "shapes", "models": {"ours": {"meteor": 0.5}}}, "m")
     assert shapes[0]["results"][0]["dataset"]["name"] == "shapes (synthetic)"
+
+
+def test_card_tells_the_bleu_orders_apart_and_states_its_one_scale(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    report = {
+        **REPORT,
+        "models": {"ours": {"bleu_1": 0.61, "bleu_2": 0.4, "bleu_3": 0.3, "bleu_4": 0.2134567}},
+    }
+    save_for_hub(model, processor, tmp_path, report=report, repo_id=REPO_ID)
+    text = (tmp_path / "README.md").read_text()
+    results = ModelCard(text).data.eval_results  # the Hub client's parser
+    bleu = {(r.metric_type, json.dumps(r.metric_args)): (r.metric_name, r.metric_value) for r in results}
+    assert bleu == {
+        ("bleu", '{"max_order": 1}'): ("BLEU-1", 0.61),
+        ("bleu", '{"max_order": 2}'): ("BLEU-2", 0.4),
+        ("bleu", '{"max_order": 3}'): ("BLEU-3", 0.3),
+        ("bleu", '{"max_order": 4}'): ("BLEU-4", 0.2135),
+    }
+    # the table under "Evaluation" uses the metadata's scale, and the card says which one
+    assert "| ours | 0.61 | 0.4 | 0.3 | 0.2135 |" in text and "0-1 scale" in text
 
 
 def test_card_without_report_or_arguments_states_the_shapes_terms(model_and_processor, tmp_path):

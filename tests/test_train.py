@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -355,3 +356,335 @@ def test_a_tracker_that_is_not_installed_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"--report_to all: the trackio package is not installed"):
         train_accelerate.check_trackers("all")
     assert train_accelerate.check_trackers("none") is None
+
+
+# ----------------------------------------------------------------------------- flags, checked before any work
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--checkpointing_steps", "0"),
+        ("--checkpointing_steps", "-5"),
+        ("--checkpointing_steps", "abc"),
+        ("--gradient_accumulation_steps", "0"),
+        ("--num_epochs", "0"),
+        ("--batch_size", "-1"),
+        ("--max_train_steps", "0"),
+        ("--checkpoints_total_limit", "0"),
+        ("--learning_rate", "nan"),
+        ("--warmup_ratio", "1.5"),
+        ("--dropout", "1"),
+        ("--num_sample_images", "-1"),
+    ],
+)
+def test_bad_flag_values_are_named_before_any_work(tmp_path, capsys, flag, value):
+    # The dataset does not exist: had the flags been checked after loading data, the error would name it instead.
+    args = tiny_run_args(tmp_path / "no-such-dataset", tmp_path / "run") + [flag, value]
+    with pytest.raises(SystemExit) as exited:
+        train_accelerate.main(args)
+    assert exited.value.code == 2
+    errors = capsys.readouterr().err
+    last = errors.strip().splitlines()[-1]
+    assert last.startswith("train_accelerate.py: error: ") and flag in last, errors[-2000:]
+    assert "no-such-dataset" not in errors and "Traceback" not in errors
+    assert not (tmp_path / "run").exists()  # nothing was created
+
+
+def test_overwrite_and_resume_together_are_refused(tmp_path, capsys):
+    args = tiny_run_args(tmp_path / "data", tmp_path / "run", "--overwrite_output_dir")
+    with pytest.raises(SystemExit):
+        train_accelerate.main(args + ["--resume_from_checkpoint", "latest"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--overwrite_output_dir" in last and "--resume_from_checkpoint" in last
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_shapes):
+    """A finished two-epoch tiny run with a checkpoint at each epoch end (step_12, step_24)."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    train_accelerate.main(tiny_run_args(small_shapes, output_dir, "--checkpointing_steps", "epoch"))
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_12", "step_24"]
+    return output_dir
+
+
+def copy_run(finished_run: Path, destination: Path) -> Path:
+    shutil.copytree(finished_run, destination)
+    return destination
+
+
+def cached_args(small_shapes, finished_run, output_dir, *extra):
+    """The finished run's arguments, into `output_dir`, reusing its embedding cache."""
+    cache = str(finished_run.parent / "cache")
+    return tiny_run_args(small_shapes, output_dir, "--checkpointing_steps", "epoch", *extra) + [
+        "--data_cache_dir",
+        cache,
+    ]
+
+
+def test_a_rerun_into_a_finished_run_is_refused_and_overwrite_starts_clean(
+    tmp_path, small_shapes, finished_run, capsys
+):
+    run = copy_run(finished_run, tmp_path / "run")
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exited:
+        train_accelerate.main(cached_args(small_shapes, finished_run, run, "--num_epochs", "1"))
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("train_accelerate.py: error: --output_dir ") and "--overwrite_output_dir" in last
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # the old run, byte for byte, and no lock file left behind
+
+    (run / "notes.txt").write_text("mine")  # not a file of the run: left alone
+    train_accelerate.main(
+        cached_args(small_shapes, finished_run, run, "--num_epochs", "1", "--overwrite_output_dir")
+    )
+    lines = (run / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]  # not the old run's 1, 2 then 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_12"]
+    assert len(json.loads((run / "trainer_state.json").read_text())["history"]) == 1
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not list(run.glob(".*lock*"))
+
+
+def test_resume_continues_the_runs_best_loss_record(tmp_path, small_shapes, finished_run, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step_24")
+    state_file = run / "checkpoints" / "step_12" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["best_val_loss"] = 0.0  # a record that epoch 2 cannot beat
+    state_file.write_text(json.dumps(state))
+    model_before = (run / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    train_accelerate.main(cached_args(small_shapes, finished_run, run, "--resume_from_checkpoint", "latest"))
+    out = capsys.readouterr()
+    assert "epoch 2:" in out.out + out.err and "best so far" not in out.out + out.err
+    assert (run / "model" / "model.safetensors").read_bytes() == model_before
+    final = json.loads((run / "trainer_state.json").read_text())
+    assert final["best_val_loss"] == 0.0 and final["bad_epochs"] == 1
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, train_accelerate\n"
+            "with train_accelerate.output_dir_lock(__import__('pathlib').Path(sys.argv[1])):\n"
+            "    print('locked', flush=True); sys.stdin.read()",
+            str(run),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as exited:
+            train_accelerate.main(tiny_run_args(tmp_path / "data", run))
+        assert exited.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "in use" in last and f"pid {holder.pid}" in last and str(run) in last, last
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    # The holder died without cleaning up: its lock file (and pid) remain, but the kernel released the lock.
+    assert list(run.iterdir())
+    with train_accelerate.output_dir_lock(run) as lock_file:
+        assert lock_file.read_text().strip() == str(os.getpid())
+    assert not list(run.iterdir())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def damage(checkpoint: Path, how: str) -> None:
+    if how == "empty folder":
+        shutil.rmtree(checkpoint)
+        checkpoint.mkdir()
+    elif how == "no trainer_state.json":
+        (checkpoint / "trainer_state.json").unlink()
+    elif how == "truncated model.safetensors":
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("how", ["empty folder", "no trainer_state.json", "truncated model.safetensors"])
+def test_a_named_broken_checkpoint_is_refused_in_one_line(tmp_path, small_shapes, finished_run, capsys, how):
+    checkpoint = shutil.copytree(finished_run / "checkpoints" / "step_12", tmp_path / "step_12")
+    damage(checkpoint, how)
+    with pytest.raises(SystemExit) as exited:
+        train_accelerate.main(
+            cached_args(
+                small_shapes, finished_run, tmp_path / "run", "--resume_from_checkpoint", str(checkpoint)
+            )
+        )
+    assert exited.value.code == 2
+    errors = capsys.readouterr().err
+    last = errors.strip().splitlines()[-1]
+    assert last.startswith("train_accelerate.py: error: --resume_from_checkpoint") and str(checkpoint) in last
+    assert "Traceback" not in errors
+
+
+def test_latest_skips_a_half_written_checkpoint_and_resumes_bit_identically(
+    tmp_path, small_shapes, finished_run, capsys
+):
+    run = copy_run(finished_run, tmp_path / "run")
+    damage(run / "checkpoints" / "step_24", "empty folder")  # what SIGKILL during an older save left
+    capsys.readouterr()
+    train_accelerate.main(cached_args(small_shapes, finished_run, run, "--resume_from_checkpoint", "latest"))
+    out = capsys.readouterr()
+    assert "step_24" in out.err and "incomplete" in out.err, out.err[-2000:]
+    assert "resumed from" in out.out and "step_12" in out.out
+    a = load_file(finished_run / "model" / "model.safetensors")
+    b = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_checkpoints_are_renamed_into_place_only_when_complete(tmp_path, small_shapes, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    original = Accelerator.save_state
+
+    def save_then_fail(self, output_dir=None, **kwargs):
+        original(self, output_dir, **kwargs)  # every file written, then the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123 vs 456")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_fail)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        train_accelerate.main(tiny_run_args(small_shapes, run, "--checkpointing_steps", "epoch"))
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot write the checkpoint" in last and "step_12" in last, last
+    assert list((run / "checkpoints").iterdir()) == []  # no half-written step_12, no temporary folder
+
+
+def test_a_corrupt_random_state_file_is_named_on_resume(tmp_path, small_shapes, finished_run, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step_24")
+    (run / "checkpoints" / "step_12" / "random_states_0.pkl").write_bytes(b"not a pickle")
+    capsys.readouterr()
+    train_accelerate.main(cached_args(small_shapes, finished_run, run, "--resume_from_checkpoint", "latest"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "random_states_0.pkl" in line]
+    assert len(warnings) == 1 and "not be bit-identical" in warnings[0], warnings
+
+
+# ----------------------------------------------------------------------------- tiny data, broken numbers, full disks
+
+
+@pytest.fixture(scope="module")
+def three_images(tmp_path_factory):
+    """The documented minimum: 3 images, so 1 training image."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("three") / "set", num_images=3, seed=2)
+
+
+def test_one_training_image_trains_a_finite_model(tmp_path, three_images):
+    run = tmp_path / "run"
+    train_accelerate.main(tiny_run_args(three_images, run, "--num_epochs", "1"))
+    weights = load_file(run / "model" / "model.safetensors")
+    assert all(tensor.isfinite().all() for tensor in weights.values())
+    history = json.loads((run / "trainer_state.json").read_text())["history"]
+    assert all(torch.isfinite(torch.tensor([h["train_loss"], h["val_loss"]])).all() for h in history)
+
+
+def test_image_statistics_ignore_broken_rows_and_need_two_rows_for_a_spread():
+    from tiny import tiny_model
+
+    model = tiny_model()
+    one = torch.randn(1, model.config.image_feature_dim)
+    model.fit_image_statistics(one)
+    assert torch.equal(model.decoder.image_embeds_std, torch.ones_like(model.decoder.image_embeds_std))
+    assert model.decoder.prepare_image_embeds(one).abs().max() < 1e-5  # centred on its one image
+    rows = torch.randn(6, model.config.image_feature_dim)
+    model.fit_image_statistics(rows[:4])
+    expected = model.decoder.image_embeds_mean.clone(), model.decoder.image_embeds_std.clone()
+    broken = rows.clone()
+    broken[4, 0], broken[5, 3] = float("nan"), float("inf")
+    model.fit_image_statistics(torch.cat([rows[:4], broken[4:]]))
+    assert torch.equal(model.decoder.image_embeds_mean, expected[0])
+    assert torch.equal(model.decoder.image_embeds_std, expected[1])
+    with pytest.raises(ValueError, match="no finite"):
+        model.fit_image_statistics(broken[4:])
+
+
+@pytest.mark.parametrize("which", ["training", "validation"])
+def test_a_non_finite_loss_stops_in_one_line_and_saves_nothing(
+    tmp_path, three_images, monkeypatch, capsys, which
+):
+    if which == "validation":
+        monkeypatch.setattr(train_accelerate, "validation_loss", lambda *args: float("nan"))
+    else:
+        original = train_accelerate.training_step
+        monkeypatch.setattr(train_accelerate, "training_step", lambda *args: original(*args) * float("inf"))
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        train_accelerate.main(tiny_run_args(three_images, run, "--num_epochs", "1"))
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("train_accelerate.py: error: ") and f"{which} loss" in last, last
+    assert not (run / "model").exists()
+
+
+def test_a_full_disk_while_saving_the_best_model_is_one_line(tmp_path, three_images, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    def disk_full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ClipLstmForImageCaptioning, "save_pretrained", disk_full)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        train_accelerate.main(tiny_run_args(three_images, run, "--num_epochs", "1"))
+    assert exited.value.code == 2
+    errors = capsys.readouterr().err
+    last = errors.strip().splitlines()[-1]
+    assert "cannot save the best model" in last and "No space left on device" in last, last
+    assert "Traceback" not in errors and not (run / "model").exists()
+    assert not list(run.glob(".model*"))
+
+
+# ----------------------------------------------------------------------------- what the run records
+
+
+# The launched script: train_accelerate.main, with one concession to these test machines, whose CPUs
+# have no oneDNN LSTM kernel for bf16 ("could not create a primitive descriptor"): autocast is left
+# off. The Accelerator's mixed precision still comes from the launcher, which is what is recorded.
+LAUNCHED_WITHOUT_CPU_AUTOCAST = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import train_accelerate
+
+
+class CpuAccelerator(train_accelerate.Accelerator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.native_amp = False  # no autocast around forward (prepare) or in accelerator.autocast()
+
+
+train_accelerate.Accelerator = CpuAccelerator
+train_accelerate.main(sys.argv[1:])
+"""
+
+
+def test_mixed_precision_chosen_by_the_launcher_is_recorded(tmp_path, three_images):
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED_WITHOUT_CPU_AUTOCAST)
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    launch += ["--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no"]
+    args = tiny_run_args(three_images, run, "--num_epochs", "1")
+    result = run_script(launch + [str(script), str(ROOT), *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((run / "model" / "training_args.json").read_text())
+    assert recorded["mixed_precision"] == "bf16"
+    from clip_lstm_captioner.publishing import write_model_card
+
+    card = write_model_card(run / "model", training_args=recorded).read_text()
+    assert "| mixed_precision | bf16 |" in card
