@@ -152,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "--demo" in argv:
         parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
+    if args.demo and args.output_dir == str(DEMO_OUTPUT_DIR) and not args.resume_from_checkpoint:
+        args.overwrite_output_dir = True  # the demo's own folder: running the demo again redoes it
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would read; "
                      "pass one of them")

@@ -688,3 +688,12 @@ def test_mixed_precision_chosen_by_the_launcher_is_recorded(tmp_path, three_imag
 
     card = write_model_card(run / "model", training_args=recorded).read_text()
     assert "| mixed_precision | bf16 |" in card
+
+
+def test_the_demo_replaces_its_own_run_but_no_other_folder(tmp_path):
+    assert train_accelerate.parse_args(["--demo"]).overwrite_output_dir
+    assert not train_accelerate.parse_args(["--demo", "--output_dir", str(tmp_path)]).overwrite_output_dir
+    assert not train_accelerate.parse_args(
+        ["--demo", "--resume_from_checkpoint", "latest"]
+    ).overwrite_output_dir
+    assert not train_accelerate.parse_args(["--output_dir", str(tmp_path)]).overwrite_output_dir
