@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from tiny import coloured_image, model_for_tokenizer, peaked_model, run_fresh, tiny_processor
 
 from configuration_clip_lstm import ClipLstmConfig
 from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor
+from processing import ClipLstmProcessor, build_caption_tokenizer
 
 
 def saved_pair(tmp_path):
@@ -136,3 +137,21 @@ def test_generation_defaults_travel_with_the_model(tmp_path):
         loaded.generate(image_embeds=feats),
         model.generate(image_embeds=feats, num_beams=4, length_penalty=0.6, no_repeat_ngram_size=2),
     )
+
+
+def test_load_captioner_refuses_a_tokenizer_smaller_than_the_vocabulary(tmp_path):
+    from clip_lstm_captioner.cli import load_captioner
+    from clip_lstm_captioner.errors import UsageError
+
+    processor = tiny_processor()
+    model = model_for_tokenizer(processor.tokenizer)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    load_captioner(str(tmp_path))  # a matching pair loads
+    small = build_caption_tokenizer(
+        ["a b c d e f g h"], min_frequency=1
+    )  # 12 entries: ids >= 12 decode to ""
+    ClipLstmProcessor(processor.image_processor, small).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=f"{len(small)}.*{len(processor.tokenizer)}") as info:
+        load_captioner(str(tmp_path))
+    assert "\n" not in str(info.value)
