@@ -22,6 +22,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
     GenerationConfig,
     GenerationMixin,
+    Pipeline,
     PreTrainedModel,
 )
 from transformers import initialization as init
@@ -947,12 +948,47 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         return pool_sequences[:, :count].flatten(0, 1), pool_scores[:, :count].flatten()
 
 
+# ----------------------------------------------------------------------------- pipeline
+
+
+class ImageCaptioningPipeline(Pipeline):
+    """`pipeline("image-to-text", model=<folder or repo>, trust_remote_code=True)`: images -> captions.
+
+    transformers 5.x folds its own `image-to-text` task into `image-text-to-text`, which needs a chat
+    processor; config.json's `custom_pipelines` names this class for the task instead. Takes an image
+    (path, PIL image, array) or a list of them, and `generate()` keywords; returns
+    `[{"generated_text": caption}]` per image, like transformers' captioning pipelines.
+
+        captioner = pipeline("image-to-text", model="outputs/demo/model", trust_remote_code=True)
+        captioner("dog.jpg", num_beams=5)
+        # [{'generated_text': 'a dog runs across the grass'}]
+    """
+
+    _load_processor = True  # ClipLstmProcessor: image processor and tokenizer together
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, **generate_kwargs):
+        return {}, generate_kwargs, {}
+
+    def preprocess(self, image):
+        return self.processor(images=image, return_tensors="pt")
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        return {"sequences": self.model.generate(model_inputs["pixel_values"], **generate_kwargs)}
+
+    def postprocess(self, model_outputs):
+        return [{"generated_text": text} for text in self.processor.batch_decode(model_outputs["sequences"])]
+
+
 # save_pretrained copies this file and configuration_clip_lstm.py and writes auto_map entries,
 # so AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True) works without this project.
 ClipLstmForImageCaptioning.register_for_auto_class("AutoModel")
 
 __all__ = [
     "ClipLstmForImageCaptioning",
+    "ImageCaptioningPipeline",
     "ClipLstmPreTrainedModel",
     "ClipLstmOutput",
     "ClipLstmGenerateOutput",
