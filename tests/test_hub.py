@@ -7,7 +7,7 @@ import torch
 from tiny import coloured_image, model_for_tokenizer, peaked_model, run_fresh, tiny_processor
 
 from configuration_clip_lstm import ClipLstmConfig
-from modeling_clip_lstm import ClipLstmForImageCaptioning
+from modeling_clip_lstm import ClipLstmForImageCaptioning, ClipLstmGenerateOutput
 from processing import ClipLstmProcessor, build_caption_tokenizer
 
 
@@ -137,6 +137,10 @@ def test_generation_defaults_travel_with_the_model(tmp_path):
         loaded.generate(image_embeds=feats),
         model.generate(image_embeds=feats, num_beams=4, length_penalty=0.6, no_repeat_ngram_size=2),
     )
+    # a saved generation_config.json alone never sends the call to transformers' slower search
+    assert isinstance(
+        loaded.generate(image_embeds=feats, return_dict_in_generate=True), ClipLstmGenerateOutput
+    )
 
 
 def test_load_captioner_refuses_a_tokenizer_smaller_than_the_vocabulary(tmp_path):
@@ -199,15 +203,17 @@ def test_pipeline_captions_images_from_a_saved_folder_without_the_project(tmp_pa
 
 
 def test_declared_transformers_versions_agree_and_admit_the_one_that_saved_the_model(tmp_path):
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     from packaging.requirements import Requirement
 
     root = Path(__file__).resolve().parent.parent
     dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     space_lines = (root / "space" / "requirements.txt").read_text().splitlines()
-    declared = [Requirement(line) for line in [*dependencies, *space_lines] if line.startswith("transformers")]
+    declared = [
+        Requirement(line) for line in [*dependencies, *space_lines] if line.startswith("transformers")
+    ]
     assert len(declared) == 2 and declared[0].specifier == declared[1].specifier
     peaked_model().save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())["transformers_version"]
