@@ -2,7 +2,9 @@
 
 Read top to bottom: constants, output dataclasses, the decoder, small helpers (weight loading,
 input checks, log-prob masks, sampling warpers, candidate selection), the beam-search state and
-its steps, the `PreTrainedModel` base, and the captioner.
+its steps, the `PreTrainedModel` base, the adapter that runs our decoder under transformers'
+`GenerationMixin` (for the generate() options our search does not implement), the captioner, and
+the image-to-text pipeline that config.json's `custom_pipelines` names.
 """
 
 from __future__ import annotations
