@@ -752,11 +752,12 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
 
     def _transformers_only_settings(self, gen: GenerationConfig) -> list[str]:
         """The settings of `gen` that our search does not implement (transformers' search does)."""
-        defaults = gen._get_default_generation_params()
-        names = [
+        defaults, known = gen._get_default_generation_params(), GenerationConfig().to_dict()
+        names = [  # custom entries of a GenerationConfig are ignored, as transformers ignores them
             name
             for name, value in gen.to_dict().items()
-            if name not in _FAST_PATH_FIELDS | _BOOKKEEPING_FIELDS
+            if name in known
+            and name not in _FAST_PATH_FIELDS | _BOOKKEEPING_FIELDS
             and value is not None
             and value != defaults.get(name)
         ]
