@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 from transformers import CLIPVisionConfig, PretrainedConfig
 
 IMAGE_FEATURES = ("pooled", "projected")
+# Written to config.json: `pipeline("image-to-text", model=<repo>, trust_remote_code=True)` loads this
+# class from the repo's modeling file (transformers 5.x has no image-to-text pipeline of its own).
+CUSTOM_PIPELINES = {
+    "image-to-text": {
+        "impl": "modeling_clip_lstm.ImageCaptioningPipeline",
+        "pt": ["AutoModel"],
+        "type": "multimodal",
+    }
+}
 
 
 class ClipLstmConfig(PretrainedConfig):
@@ -43,7 +54,8 @@ class ClipLstmConfig(PretrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialiser of linear and embedding weights.
         kwargs:
-            Passed to [`PretrainedConfig`].
+            Passed to [`PretrainedConfig`]. `custom_pipelines` defaults to the image-to-text pipeline
+            in modeling_clip_lstm.py, so `pipeline("image-to-text", model=..., trust_remote_code=True)` works.
 
     Example:
         >>> config = ClipLstmConfig(vocab_size=8000, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -87,6 +99,9 @@ class ClipLstmConfig(PretrainedConfig):
         self.dropout = dropout
         self.vocab_size = vocab_size
         self.initializer_range = initializer_range
+        kwargs.setdefault(
+            "custom_pipelines", copy.deepcopy(CUSTOM_PIPELINES)
+        )  # transformers edits it in place
         super().__init__(
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs
         )

@@ -2,7 +2,9 @@
 
 Read top to bottom: constants, output dataclasses, the decoder, small helpers (weight loading,
 input checks, log-prob masks, sampling warpers, candidate selection), the beam-search state and
-its steps, the `PreTrainedModel` base, and the captioner.
+its steps, the `PreTrainedModel` base, the adapter that runs our decoder under transformers'
+`GenerationMixin` (for the generate() options our search does not implement), the captioner, and
+the image-to-text pipeline that config.json's `custom_pipelines` names.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -20,9 +23,12 @@ from transformers import (
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
     GenerationConfig,
+    GenerationMixin,
+    Pipeline,
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 try:  # a checkout or an installed package
@@ -51,6 +57,17 @@ GENERATION_DEFAULTS = {
     "return_dict_in_generate": False,
     "output_scores": False,
 }
+# Also handled by our own search, as long as they agree with the model's config (token ids) or keep
+# caching on; `transformers_version` is bookkeeping.
+_FAST_PATH_FIELDS = {*GENERATION_DEFAULTS, "bos_token_id", "eos_token_id", "pad_token_id", "use_cache"}
+_BOOKKEEPING_FIELDS = {"transformers_version", "_from_model_config"}
+# generate() arguments that are not GenerationConfig fields and only transformers' search takes.
+TRANSFORMERS_ONLY_ARGUMENTS = (
+    "streamer",
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+)
 
 
 @dataclass
@@ -173,7 +190,7 @@ def _trim_padding(input_ids, attention_mask, labels):
     return input_ids, attention_mask, labels
 
 
-def _validate_generation(gen: GenerationConfig) -> None:
+def _validate_generation(gen: GenerationConfig, vocab_size: int) -> None:
     """One-line ValueErrors naming the bad generation argument."""
 
     def at_least(value, low: int) -> bool:
@@ -189,16 +206,53 @@ def _validate_generation(gen: GenerationConfig) -> None:
         (gen.temperature > 0, "temperature", "> 0"),
         (at_least(gen.top_k, 0), "top_k", "an integer >= 0"),
         (0 < gen.top_p <= 1, "top_p", "in (0, 1]"),
+        (math.isfinite(gen.length_penalty), "length_penalty", "a finite number"),
     ]
     for ok, name, rule in checks:
         if not ok:
             raise ValueError(f"generate(): {name} must be {rule}, got {getattr(gen, name)!r}")
+    for token in gen.suppress_tokens or []:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            raise ValueError(
+                f"generate(): suppress_tokens holds {token!r}, not a token id in [0, vocab_size={vocab_size})"
+            )
     if gen.num_beams > 1 and gen.num_return_sequences > gen.num_beams:
         raise ValueError(
             f"generate(): num_return_sequences ({gen.num_return_sequences}) must be <= num_beams ({gen.num_beams})"
         )
     if gen.num_beams == 1 and not gen.do_sample and gen.num_return_sequences > 1:
         raise ValueError("generate(): greedy search returns one sequence; use num_beams or do_sample=True")
+
+
+def _check_positional_arguments(pixel_values, generation_config) -> None:
+    """`generate(pixel_values, generation_config)`, as with other transformers models; say so otherwise."""
+    if isinstance(pixel_values, GenerationConfig):
+        raise ValueError(
+            "generate(): the first positional argument is pixel_values; pass the GenerationConfig second "
+            "or as generation_config="
+        )
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise ValueError(
+            "generate(): the second positional argument is generation_config (a GenerationConfig), got "
+            f"{type(generation_config).__name__}; pass cached CLIP features as image_embeds="
+        )
+
+
+def _check_finite(image_embeds: torch.Tensor, name: str) -> None:
+    """A NaN or inf feature would give a silent `[BOS, EOS]` caption scored NaN: refuse it, naming the rows."""
+    finite = torch.isfinite(image_embeds).all(dim=-1)
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(f"generate(): {name} hold NaN or inf values (batch rows {rows[:10]})")
+
+
+def _empty_generation(gen: GenerationConfig, bos_token_id: int, device):
+    """What generate() returns for a batch of no images: no rows, BOS alone as the length."""
+    sequences = torch.full((0, 1), bos_token_id, dtype=torch.long, device=device)
+    if not gen.return_dict_in_generate:
+        return sequences
+    scores = torch.zeros(0, device=device) if gen.output_scores else None
+    return ClipLstmGenerateOutput(sequences=sequences, sequences_scores=scores)
 
 
 def _crop_trailing_padding(sequences: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -423,6 +477,59 @@ class ClipLstmPreTrainedModel(PreTrainedModel):
                     init.constant_(param[module.hidden_size : 2 * module.hidden_size], 1.0)
 
 
+# ----------------------------------------------------------------------------- transformers' search
+
+
+class _LstmStateCache:
+    """The LSTM state, carried through transformers' `generate()` as its `cache`.
+
+    Beam search reorders the cache after every step (`reorder_cache`); a recurrent state kept
+    anywhere else would silently stay with the wrong beams.
+    """
+
+    is_linear = (True,)  # a fixed-size state: nothing for transformers to slice by past length
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self):
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c), each (num_layers, N, H)
+        self.seen = 0  # tokens already folded into the state
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.state = tuple(s.index_select(1, beam_idx.to(s.device)) for s in self.state)
+
+
+class _TransformersSearch(ClipLstmPreTrainedModel, GenerationMixin):
+    """Our decoder under transformers' `GenerationMixin`, for the options our search does not implement
+    (streamers, repetition_penalty, logits processors, per-step scores, ...). Shares the captioner's weights."""
+
+    main_input_name = "input_ids"  # the BOS prompt; the image comes in as image_embeds
+
+    def __init__(self, captioner: ClipLstmForImageCaptioning):
+        super().__init__(captioner.config)
+        self.captioner = captioner
+
+    def forward(self, input_ids, image_embeds, cache: _LstmStateCache | None = None, **kwargs):
+        """(N, T) ids -> (N, T', V) logits: the new tokens with a cache, the whole prefix without one."""
+        decoder = self.captioner.decoder
+        if cache is None:  # use_cache=False: re-run the LSTM over the image and the whole prefix
+            return CausalLMOutputWithPast(logits=decoder.lm_head(decoder(image_embeds, input_ids)))
+        if cache.state is None:
+            cache.state = decoder.start(image_embeds)
+        logits = []
+        for token in input_ids[:, cache.seen :].unbind(1):
+            step_logits, cache.state = decoder.step(token, cache.state)
+            logits.append(step_logits)
+        cache.seen = input_ids.shape[1]
+        return CausalLMOutputWithPast(logits=torch.stack(logits, dim=1), cache=cache)
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, image_embeds=None, **kwargs):
+        return {"input_ids": input_ids, "image_embeds": image_embeds, "cache": cache}
+
+
 class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
     """CLIP vision tower (frozen) -> projection -> first LSTM step; LSTM -> caption tokens.
 
@@ -550,6 +657,11 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
                 "pass exactly one of pixel_values (runs CLIP) or image_embeds (cached CLIP features)"
             )
         if image_embeds is None:
+            if pixel_values.dim() != 4:
+                raise ValueError(
+                    f"pixel_values must be (batch, 3, height, width) images, got {tuple(pixel_values.shape)}; "
+                    "pass cached CLIP features as image_embeds="
+                )
             return self.get_image_features(pixel_values)
         expected = self.config.image_feature_dim
         if image_embeds.dim() != 2 or image_embeds.shape[1] != expected:
@@ -621,43 +733,75 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
     def _generation_settings(
         self, generation_config: GenerationConfig | None, kwargs: dict
     ) -> GenerationConfig:
-        """Copy of the saved GenerationConfig, updated with call arguments, defaults filled, validated."""
-        unknown = sorted(set(kwargs) - set(GENERATION_DEFAULTS) - {"max_length"})
+        """The saved GenerationConfig overridden by the fields `generation_config` sets, then by keyword
+        arguments (transformers' order); our defaults filled; validated."""
+        fields = GenerationConfig().to_dict()
+        unknown = sorted(set(kwargs) - set(fields))
         if unknown:
             raise ValueError(
-                f"generate() does not support {unknown}; supported: {sorted(GENERATION_DEFAULTS)}"
+                f"generate() does not know {unknown}: neither GenerationConfig fields nor one of "
+                f"{list(TRANSFORMERS_ONLY_ARGUMENTS)}"
             )
-        gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        gen = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+        user_set = {*gen.to_diff_dict(), *kwargs}  # unset fields of a GenerationConfig are None
+        gen.update(**self.generation_config.to_dict(), defaults_only=True)
         gen.update(**kwargs)
         for name, default in GENERATION_DEFAULTS.items():
             if getattr(gen, name, None) is None:
                 setattr(gen, name, default)
-        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+        if "max_length" in user_set and "max_new_tokens" not in user_set:
             gen.max_new_tokens = None
         if gen.max_new_tokens is None:
             gen.max_new_tokens = gen.max_length - 1  # the prompt is BOS alone
-        _validate_generation(gen)
+        _validate_generation(gen, self.config.vocab_size)
         return gen
+
+    def _transformers_only_settings(self, gen: GenerationConfig) -> list[str]:
+        """The settings of `gen` that our search does not implement (transformers' search does)."""
+        defaults, known = gen._get_default_generation_params(), GenerationConfig().to_dict()
+        names = [  # custom entries of a GenerationConfig are ignored, as transformers ignores them
+            name
+            for name, value in gen.to_dict().items()
+            if name in known
+            and name not in _FAST_PATH_FIELDS | _BOOKKEEPING_FIELDS
+            and value is not None
+            and value != defaults.get(name)
+        ]
+        config = self.config
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(gen, name)
+            if value not in (None, getattr(config, name), [getattr(config, name)]):
+                names.append(name)
+        return names + (["use_cache"] if gen.use_cache is False else [])
 
     @torch.no_grad()
     def generate(
         self,
         pixel_values: torch.FloatTensor | None = None,
-        image_embeds: torch.FloatTensor | None = None,
         generation_config: GenerationConfig | None = None,
+        image_embeds: torch.FloatTensor | None = None,
         **kwargs,
-    ) -> torch.LongTensor | ClipLstmGenerateOutput:
+    ):
         r"""Write captions for a batch of images, all images and beams at once on the model's device.
 
-        Greedy (`num_beams=1`), beam search (`num_beams>1`, transformers' algorithm), sampling
-        (`do_sample=True`, with `temperature`, `top_k`, `top_p`) or beam sampling. Other arguments:
-        `max_new_tokens`, `min_new_tokens`, `length_penalty`, `early_stopping` (True, False or
-        "never"), `no_repeat_ngram_size`, `num_return_sequences`, `suppress_tokens`,
-        `return_dict_in_generate`, `output_scores`. Defaults come from `self.generation_config`
-        (saved as generation_config.json). PAD and BOS are never generated.
+        Called as other transformers models are: `generate(pixel_values, generation_config, **kwargs)`,
+        or with `image_embeds=` (cached CLIP features) instead of pixels. Settings come from
+        `self.generation_config` (saved as generation_config.json), overridden by the fields that
+        `generation_config` sets, then by keyword arguments, as in transformers.
 
-        Returns `sequences` (B * num_return_sequences, L) as `[BOS, w1 .. wn, EOS, PAD ...]`, or a
-        [`ClipLstmGenerateOutput`] with `sequences_scores` (sum of log-probs / length ** length_penalty).
+        Our batched search (the fast path) does greedy (`num_beams=1`), beam search (`num_beams>1`,
+        transformers' algorithm), sampling (`do_sample=True`, `temperature`, `top_k`, `top_p`) and beam
+        sampling, with `max_new_tokens`/`max_length`, `min_new_tokens`, `length_penalty`,
+        `early_stopping` (True, False or "never"), `no_repeat_ngram_size`, `num_return_sequences`,
+        `suppress_tokens`, `return_dict_in_generate` and `output_scores`. It returns `sequences`
+        (B * num_return_sequences, L) as `[BOS, w1 .. wn, EOS, PAD ...]`, or a [`ClipLstmGenerateOutput`]
+        with `sequences_scores` (sum of log-probs / length ** length_penalty). PAD and BOS are never generated.
+
+        Any other option (`streamer`, `repetition_penalty`, `min_length`, other `eos_token_id` or
+        `pad_token_id`, `use_cache=False`, `logits_processor`, `stopping_criteria`, `output_logits`, ...)
+        hands the call to transformers' own `GenerationMixin.generate` on the same weights, which returns
+        transformers' output types, with per-step `scores` when `output_scores=True`; on the options both
+        support, the two give the same sequences and scores.
 
         Example:
             >>> vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # a tiny CLIP tower
@@ -666,16 +810,28 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             ...                         eos_token_id=2, embed_dim=16, hidden_size=24)
             >>> model = ClipLstmForImageCaptioning(config).eval()
             >>> pixel_values = torch.rand(2, 3, 32, 32)  # (B, 3, H, W), as the processor returns them
-            >>> ids = model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=5)
+            >>> ids = model.generate(pixel_values, GenerationConfig(num_beams=3, max_new_tokens=5))
             >>> ids.dtype, ids.shape[0], ids[:, 0].tolist()  # one caption per image, each starting with BOS
             (torch.int64, 2, [1, 1])
             >>> out = model.generate(pixel_values=pixel_values, num_beams=3, num_return_sequences=2,
             ...                      return_dict_in_generate=True, output_scores=True)
             >>> out.sequences_scores.shape
             torch.Size([4])
+            >>> out = model.generate(pixel_values, repetition_penalty=1.5, return_dict_in_generate=True,
+            ...                      output_scores=True)  # transformers' search
+            >>> len(out.scores) == out.sequences.shape[1] - 1  # one (B * num_beams, V) tensor per step
+            True
         """
+        _check_positional_arguments(pixel_values, generation_config)
+        extras = {name: kwargs.pop(name, None) for name in TRANSFORMERS_ONLY_ARGUMENTS}
+        extras = {name: value for name, value in extras.items() if value is not None}
         gen = self._generation_settings(generation_config, kwargs)
         image_embeds = self._image_features(pixel_values, image_embeds)
+        _check_finite(image_embeds, "image_embeds" if pixel_values is None else "pixel_values")
+        if len(image_embeds) == 0:
+            return _empty_generation(gen, self.config.bos_token_id, image_embeds.device)
+        if extras or self._transformers_only_settings(gen):
+            return self._generate_with_transformers(image_embeds, gen, extras)
         rows = len(image_embeds) * max(gen.num_beams, gen.num_return_sequences)
         with _lstm_kernels_for(rows, image_embeds.device):
             if gen.num_beams > 1:
@@ -688,6 +844,21 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
                 sequences=sequences, sequences_scores=scores if gen.output_scores else None
             )
         return sequences
+
+    def _generate_with_transformers(self, image_embeds: torch.Tensor, gen: GenerationConfig, extras: dict):
+        """transformers' `GenerationMixin.generate` on our decoder, prompted with BOS alone."""
+        config, gen = self.config, copy.deepcopy(gen)
+        # as on our path: PAD and BOS are never generated, and max_new_tokens alone sets the length
+        gen.suppress_tokens = sorted({config.pad_token_id, config.bos_token_id, *(gen.suppress_tokens or [])})
+        gen.max_length = None
+        if gen.min_new_tokens == 0:  # our filled-in default; transformers would let it override min_length
+            gen.min_new_tokens = None
+        search = _TransformersSearch(self).eval()
+        search.generation_config = gen
+        prompt = torch.full((len(image_embeds), 1), config.bos_token_id, dtype=torch.long, device=self.device)
+        if gen.use_cache is not False:
+            extras = {**extras, "cache": _LstmStateCache()}
+        return search.generate(prompt, generation_config=gen, image_embeds=image_embeds, **extras)
 
     def _next_token_scores(self, logits, sequences, num_generated: int, gen):
         """(N, V) logits -> (masked logits, (N, 1) normaliser); log-probs are `masked - normaliser`.
@@ -786,12 +957,47 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         return pool_sequences[:, :count].flatten(0, 1), pool_scores[:, :count].flatten()
 
 
+# ----------------------------------------------------------------------------- pipeline
+
+
+class ImageCaptioningPipeline(Pipeline):
+    """`pipeline("image-to-text", model=<folder or repo>, trust_remote_code=True)`: images -> captions.
+
+    transformers 5.x folds its own `image-to-text` task into `image-text-to-text`, which needs a chat
+    processor; config.json's `custom_pipelines` names this class for the task instead. Takes an image
+    (path, PIL image, array) or a list of them, and `generate()` keywords; returns
+    `[{"generated_text": caption}]` per image, like transformers' captioning pipelines.
+
+        captioner = pipeline("image-to-text", model="outputs/demo/model", trust_remote_code=True)
+        captioner("dog.jpg", num_beams=5)
+        # [{'generated_text': 'a dog runs across the grass'}]
+    """
+
+    _load_processor = True  # ClipLstmProcessor: image processor and tokenizer together
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, **generate_kwargs):
+        return {}, generate_kwargs, {}
+
+    def preprocess(self, image):
+        return self.processor(images=image, return_tensors="pt")
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        return {"sequences": self.model.generate(model_inputs["pixel_values"], **generate_kwargs)}
+
+    def postprocess(self, model_outputs):
+        return [{"generated_text": text} for text in self.processor.batch_decode(model_outputs["sequences"])]
+
+
 # save_pretrained copies this file and configuration_clip_lstm.py and writes auto_map entries,
 # so AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True) works without this project.
 ClipLstmForImageCaptioning.register_for_auto_class("AutoModel")
 
 __all__ = [
     "ClipLstmForImageCaptioning",
+    "ImageCaptioningPipeline",
     "ClipLstmPreTrainedModel",
     "ClipLstmOutput",
     "ClipLstmGenerateOutput",

@@ -61,6 +61,10 @@ class ImageLoadError(CaptionerError, ValueError):
     """A file or object that cannot be read as an image; the message names it."""
 
 
+class VocabularyMismatchError(CaptionerError, ValueError):
+    """A tokenizer and a model whose vocabulary sizes differ; the message names both."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception as one line for a user-facing message: its type and the first line of its text.
 
@@ -276,6 +280,25 @@ def image_processor_for(vision_config):
     return image_processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+    """Refuse a tokenizer whose size differs from the model's vocabulary, naming both sizes.
+
+    A smaller tokenizer decodes the ids it lacks to nothing (silently empty captions); a larger
+    one encodes ids the model has no embedding for.
+
+    Example:
+        >>> check_vocabulary(build_caption_tokenizer(["a dog"], min_frequency=1), 9)
+        Traceback (most recent call last):
+        ...
+        processing.VocabularyMismatchError: the tokenizer has 6 entries but the model's vocabulary has 9 (config.vocab_size); save the model with the tokenizer it was trained with
+    """
+    if len(tokenizer) != vocab_size:
+        raise VocabularyMismatchError(
+            f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary has {vocab_size} "
+            "(config.vocab_size); save the model with the tokenizer it was trained with"
+        )
+
+
 # ----------------------------------------------------------------------------- processor
 
 
@@ -344,10 +367,26 @@ class ClipLstmProcessor(ProcessorMixin):
         return BatchFeature(columns, tensor_type=return_tensors)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        """Generated ids (B, L) -> captions, without BOS/EOS/PAD."""
-        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        """Generated ids (B, L) -> captions, without BOS/EOS/PAD.
+
+        A word the vocabulary lacks stays visible as the tokenizer's unknown token (`<unk>` for the
+        caption tokenizer): dropping it would silently turn "a zebra runs" into "a runs". Pass
+        `skip_special_tokens=False` to see every special token.
+        """
+        if skip_special_tokens:
+            sequences = [self._words_and_unknowns(ids) for ids in sequences]
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=False, **kwargs)
         # word-level and BPE decoders leave "dog ." and "shapes :"; captions read "dog." and "shapes:"
         return [_SPACE_BEFORE_PUNCTUATION.sub(r"\1", " ".join(text.split())) for text in texts]
+
+    def _words_and_unknowns(self, ids) -> list[int]:
+        """One id sequence without special tokens, except the unknown token when it is not also EOS
+        (CLIP's BPE uses `<|endoftext|>` for both; it never needs `<unk>`, having byte fallback)."""
+        tokenizer = self.tokenizer
+        hidden = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+        hidden |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return [token for token in ids if token not in hidden]
 
     def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
         """One generated id sequence -> one caption."""
@@ -373,5 +412,7 @@ __all__ = [
     "build_caption_tokenizer",
     "load_clip_tokenizer",
     "load_image",
+    "check_vocabulary",
     "ImageLoadError",
+    "VocabularyMismatchError",
 ]

@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import HfApi, constants
 
 from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import CaptionerError, ClipLstmProcessor, first_line, is_hub_id
+from processing import CaptionerError, ClipLstmProcessor, check_vocabulary, first_line, is_hub_id
 
 from .errors import UsageError
 
@@ -185,14 +185,17 @@ def load_captioner(
 ) -> tuple[ClipLstmForImageCaptioning, ClipLstmProcessor]:
     """Our model (eval mode, on `device`) and processor from a saved folder or a Hub repo made by publishing.py.
 
-    Loaded with this project's own classes, so a Hub repo's code is not run.
+    Loaded with this project's own classes, so a Hub repo's code is not run. A tokenizer whose size
+    differs from the model's vocabulary is refused in one line naming both sizes.
 
         model, processor = load_captioner("outputs/demo/model")
     """
 
     def loader(path):
         model = ClipLstmForImageCaptioning.from_pretrained(path)
-        return model.eval(), ClipLstmProcessor.from_pretrained(path, trust_remote_code=False)
+        processor = ClipLstmProcessor.from_pretrained(path, trust_remote_code=False)
+        check_vocabulary(processor.tokenizer, model.config.vocab_size)
+        return model.eval(), processor
 
     model, processor = load_pretrained(loader, source, what, MODEL_HINT)
     return (model.to(device) if device is not None else model), processor

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import BOS, EOS, PAD, image_embeds, peaked_model
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutput
 
 from configuration_clip_lstm import ClipLstmConfig
@@ -351,7 +352,10 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
         (dict(early_stopping="sometimes"), "early_stopping"),
         (dict(do_sample=True, top_p=0.0), "top_p"),
         (dict(do_sample=True, temperature=0.0), "temperature"),
-        (dict(repetition_penalty=1.2), "repetition_penalty"),
+        (dict(length_penalty=float("nan")), "length_penalty"),
+        (dict(suppress_tokens=[999]), "999"),
+        (dict(suppress_tokens=[-1]), "-1"),
+        (dict(no_such_option=1), "no_such_option"),
     ],
 )
 def test_bad_generation_arguments_raise_naming_them(kwargs, named):
@@ -368,3 +372,161 @@ def test_max_length_counts_the_bos_token():
         image_embeds=image_embeds(2), num_beams=2, max_new_tokens=4, return_dict_in_generate=True
     )
     assert out.sequences.shape == (2, 5) and out.sequences_scores is None
+
+
+# ----------------------------------------------------------------------------- inputs at the edges
+
+
+def test_an_empty_batch_gives_an_empty_result():
+    model = peaked_model()
+    assert model.generate(image_embeds=image_embeds(0)).shape[0] == 0
+    out = model.generate(
+        image_embeds=image_embeds(0), num_beams=3, return_dict_in_generate=True, output_scores=True
+    )
+    assert out.sequences.shape[0] == 0 and out.sequences_scores.shape == (0,)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_image_embeds_are_refused(bad):
+    feats = image_embeds(3)
+    feats[1, 4] = bad
+    with pytest.raises(ValueError, match="(?i)image_embeds.*(nan|inf)"):
+        peaked_model().generate(image_embeds=feats)
+
+
+# ----------------------------------------------------------------------------- GenerationConfig and positional calls
+
+
+def saved_generation_model(tmp_path):
+    """A peaked model that never ends a caption early, saved with non-default generation settings."""
+    model = peaked_model(seed=12, eos_bias=-10.0)
+    feats = image_embeds(4, seed=12)
+    free = model.generate(image_embeds=feats, num_beams=1, max_new_tokens=9)
+    common = int(torch.mode(free[:, 1:].flatten()).values)  # the token these weights write most
+    model.generation_config.update(max_new_tokens=9, suppress_tokens=[common], num_beams=2)
+    model.save_pretrained(tmp_path)
+    return type(model).from_pretrained(tmp_path).eval(), feats, common
+
+
+def test_a_generation_config_overrides_only_the_fields_it_sets(tmp_path):
+    model, feats, suppressed = saved_generation_model(tmp_path)
+    ids = model.generate(image_embeds=feats, generation_config=GenerationConfig(num_beams=3))
+    assert ids.shape[1] == 1 + 9  # BOS + the saved max_new_tokens, not transformers' max_length 20
+    assert suppressed not in ids.tolist()[0] and all(suppressed not in row for row in ids.tolist())
+    assert torch.equal(ids, model.generate(image_embeds=feats, num_beams=3))
+
+
+def test_a_generation_config_field_acts_like_the_same_keyword(tmp_path):
+    model, feats, _ = saved_generation_model(tmp_path)
+    by_config = model.generate(image_embeds=feats, generation_config=GenerationConfig(repetition_penalty=3.0))
+    assert torch.equal(by_config, model.generate(image_embeds=feats, repetition_penalty=3.0))
+    assert not torch.equal(by_config, model.generate(image_embeds=feats))
+
+
+def test_pixel_values_and_a_generation_config_can_be_passed_positionally():
+    model = peaked_model(seed=6)
+    pixels = torch.randn(2, 3, 32, 32)
+    config = GenerationConfig(num_beams=3, max_new_tokens=5)
+    assert torch.equal(
+        model.generate(pixels, config), model.generate(pixel_values=pixels, num_beams=3, max_new_tokens=5)
+    )
+    with pytest.raises(ValueError, match="image_embeds="):
+        model.generate(image_embeds(2))  # cached features are not pixel_values
+    with pytest.raises(ValueError, match="generation_config"):
+        model.generate(pixels, image_embeds(2))
+
+
+# ----------------------------------------------------------------------------- options handed to transformers
+
+
+class CollectingStreamer(BaseStreamer):
+    """Records what transformers' streamer protocol hands over: put() per step, end() once."""
+
+    def __init__(self):
+        self.tokens, self.ended = [], False
+
+    def put(self, value):
+        self.tokens.extend(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+NEUTRAL_FALLBACKS = {  # options only transformers' search takes, which do not change the result
+    "cache": dict(logits_processor=LogitsProcessorList()),
+    "no cache": dict(use_cache=False),
+}
+
+
+@pytest.mark.parametrize("route", sorted(NEUTRAL_FALLBACKS))
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=4, length_penalty=1.0),
+        dict(num_beams=3, length_penalty=0.5, early_stopping=True, num_return_sequences=3),
+        dict(num_beams=5, length_penalty=2.0, early_stopping="never", num_return_sequences=2),
+        dict(num_beams=3, no_repeat_ngram_size=2, min_new_tokens=3),
+        dict(num_beams=1, suppress_tokens=[4, 5]),
+    ],
+)
+def test_fast_path_and_transformers_fallback_agree(route, settings):
+    model = peaked_model(seed=7, vocab_size=30, eos_bias=1.5)
+    feats = image_embeds(6, seed=7)
+    common = dict(image_embeds=feats, max_new_tokens=10, return_dict_in_generate=True, output_scores=True)
+    fast = model.generate(**common, **settings)
+    fallback = model.generate(**common, **settings, **NEUTRAL_FALLBACKS[route])
+    assert fallback.scores is not None  # transformers' output: the fallback really ran
+    assert [strip(s) for s in fallback.sequences] == [strip(s) for s in fast.sequences]
+    assert len(fallback.scores) == fallback.sequences.shape[1] - 1  # per-step scores come along
+    if settings["num_beams"] > 1:  # greedy has no sequence scores in transformers
+        torch.testing.assert_close(fallback.sequences_scores, fast.sequences_scores, atol=1e-5, rtol=1e-6)
+
+
+def test_a_streamer_receives_the_tokens():
+    model = peaked_model(seed=13, eos_bias=1.0)
+    feats = image_embeds(1, seed=13)
+    streamer = CollectingStreamer()
+    ids = model.generate(image_embeds=feats, num_beams=1, max_new_tokens=8, streamer=streamer)
+    assert torch.equal(ids, model.generate(image_embeds=feats, num_beams=1, max_new_tokens=8))
+    assert streamer.tokens == ids[0].tolist() and streamer.ended
+
+
+def test_repetition_penalty_scores_as_transformers_defines_it():
+    model = peaked_model(seed=7, vocab_size=30, eos_bias=-2.0)
+    feats = image_embeds(4, seed=7)
+    settings = dict(num_beams=3, repetition_penalty=2.0, max_new_tokens=10)
+    expected, _ = transformers_beam_search(model, feats, **settings)
+    ours = model.generate(image_embeds=feats, return_dict_in_generate=True, output_scores=True, **settings)
+    assert [strip(s) for s in ours.sequences] == [strip(s) for s in expected.sequences]
+    torch.testing.assert_close(ours.sequences_scores, expected.sequences_scores, atol=1e-5, rtol=1e-6)
+    plain = model.generate(image_embeds=feats, return_dict_in_generate=True, output_scores=True, num_beams=3)
+    assert not torch.allclose(plain.sequences_scores, ours.sequences_scores)
+
+
+def test_min_length_and_token_id_overrides_are_honoured():
+    model = peaked_model(seed=8, eos_bias=3.0)
+    feats = image_embeds(6, seed=8)
+    held = model.generate(image_embeds=feats, num_beams=3, max_new_tokens=10, min_length=5)
+    assert not any(EOS in row[1:5] for row in held.tolist())  # min_length counts BOS, as in transformers
+    assert torch.equal(
+        held, model.generate(image_embeds=feats, num_beams=3, max_new_tokens=10, min_new_tokens=4)
+    )
+    # another end token: every caption stops at token 7 (or the length limit), and is padded with 9
+    ended = model.generate(image_embeds=feats, num_beams=1, max_new_tokens=10, eos_token_id=7, pad_token_id=9)
+    for row in ended.tolist():
+        end = row.index(7) if 7 in row else len(row)
+        assert EOS in row[:end] or all(t == 9 for t in row[end + 1 :])
+
+
+def test_per_step_scores_come_with_output_logits():
+    model = peaked_model(seed=9)
+    out = model.generate(
+        image_embeds=image_embeds(2, seed=9),
+        num_beams=1,
+        max_new_tokens=6,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    steps = out.sequences.shape[1] - 1
+    assert len(out.scores) == len(out.logits) == steps and out.logits[0].shape == (2, 12)

@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from tiny import coloured_image, model_for_tokenizer, peaked_model, run_fresh, tiny_processor
 
 from configuration_clip_lstm import ClipLstmConfig
-from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor
+from modeling_clip_lstm import ClipLstmForImageCaptioning, ClipLstmGenerateOutput
+from processing import ClipLstmProcessor, build_caption_tokenizer
 
 
 def saved_pair(tmp_path):
@@ -136,3 +137,86 @@ def test_generation_defaults_travel_with_the_model(tmp_path):
         loaded.generate(image_embeds=feats),
         model.generate(image_embeds=feats, num_beams=4, length_penalty=0.6, no_repeat_ngram_size=2),
     )
+    # a saved generation_config.json alone never sends the call to transformers' slower search
+    assert isinstance(
+        loaded.generate(image_embeds=feats, return_dict_in_generate=True), ClipLstmGenerateOutput
+    )
+
+
+def test_load_captioner_refuses_a_tokenizer_smaller_than_the_vocabulary(tmp_path):
+    from clip_lstm_captioner.cli import load_captioner
+    from clip_lstm_captioner.errors import UsageError
+
+    processor = tiny_processor()
+    model = model_for_tokenizer(processor.tokenizer)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    load_captioner(str(tmp_path))  # a matching pair loads
+    small = build_caption_tokenizer(
+        ["a b c d e f g h"], min_frequency=1
+    )  # 12 entries: ids >= 12 decode to ""
+    ClipLstmProcessor(processor.image_processor, small).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=f"{len(small)}.*{len(processor.tokenizer)}") as info:
+        load_captioner(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+PIPELINE_PROCESS = """
+    import json, sys
+    from transformers import pipeline
+    folder, paths = sys.argv[1], sys.argv[2:]
+    captioner = pipeline("image-to-text", model=folder, trust_remote_code=True)
+    print(json.dumps({
+        "batch": captioner(paths),
+        "one": captioner(paths[0], max_new_tokens=3),
+        "inferred_task": pipeline(model=folder, trust_remote_code=True)(paths[0]),
+        "class": type(captioner).__module__ + "." + type(captioner).__name__,
+    }))
+"""
+
+
+def test_pipeline_captions_images_from_a_saved_folder_without_the_project(tmp_path):
+    model_dir = tmp_path / "model"
+    model, processor = saved_pair(model_dir)
+    paths = []
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        paths.append(tmp_path / f"image{i}.png")
+        coloured_image(colour, size=(50 + 10 * i, 40)).save(paths[-1])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = run_fresh(PIPELINE_PROCESS, model_dir, *paths, cwd=elsewhere, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["class"].startswith("transformers_modules.")
+    pixel_values = processor(images=paths)["pixel_values"]
+    expected = processor.batch_decode(model.generate(pixel_values))  # the saved generation settings
+    assert [row[0]["generated_text"] for row in report["batch"]] == expected and all(expected)
+    assert report["inferred_task"] == [{"generated_text": expected[0]}]
+    short = processor.batch_decode(model.generate(pixel_values[:1], max_new_tokens=3))
+    assert report["one"] == [{"generated_text": short[0]}]
+
+
+def test_declared_transformers_versions_agree_and_admit_the_one_that_saved_the_model(tmp_path):
+    from pathlib import Path
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parent.parent
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    space_lines = (root / "space" / "requirements.txt").read_text().splitlines()
+    declared = [
+        Requirement(line) for line in [*dependencies, *space_lines] if line.startswith("transformers")
+    ]
+    assert len(declared) == 2 and declared[0].specifier == declared[1].specifier
+    peaked_model().save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())["transformers_version"]
+    assert declared[0].specifier.contains(written)
+    # generate()'s `cache` argument (the fallback search) is 5.24's; CLIPImageProcessorPil is 5.4's
+    assert not declared[0].specifier.contains("5.23.0") and not declared[0].specifier.contains("5.0.0")

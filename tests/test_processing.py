@@ -255,3 +255,24 @@ def test_tiny_tokenizer_covers_the_tiny_captions():
     tokenizer = tiny_tokenizer()
     for caption in TINY_CAPTIONS:
         assert tokenizer.unk_token_id not in tokenizer(caption).input_ids
+
+
+def test_batch_decode_shows_unknown_words_as_unk():
+    processor = tiny_processor()
+    ids = processor(text=["a zebra circle on the left"])["input_ids"]  # "zebra" is not in the vocabulary
+    assert processor.tokenizer.unk_token_id in ids[0].tolist()
+    assert processor.batch_decode(ids) == ["a <unk> circle on the left"]
+    assert processor.decode(ids[0]) == "a <unk> circle on the left"
+    # what was asked for literally: every special token, BOS and EOS included
+    assert processor.decode(ids[0], skip_special_tokens=False).startswith("<bos> a <unk>")
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused():
+    from processing import check_vocabulary
+
+    processor = tiny_processor()
+    check_vocabulary(processor.tokenizer, len(processor.tokenizer))
+    for vocab_size in (len(processor.tokenizer) + 10, len(processor.tokenizer) - 1):
+        with pytest.raises(ValueError, match=f"{len(processor.tokenizer)}.*{vocab_size}") as info:
+            check_vocabulary(processor.tokenizer, vocab_size)
+        assert "\n" not in str(info.value)
