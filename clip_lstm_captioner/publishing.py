@@ -21,7 +21,7 @@ from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardD
 from safetensors import safe_open
 
 from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor, is_hub_id
+from processing import ClipLstmProcessor, check_vocabulary, is_hub_id
 
 from .files import write_text_atomic
 from .reports import METRICS
@@ -371,6 +371,7 @@ def save_for_hub(
         save_for_hub(model, processor, "to_upload", float16=True)
         # -> ['README.md', 'config.json', ...]
     """
+    check_vocabulary(processor.tokenizer, model.config.vocab_size)  # before anything is written
     folder = Path(folder)
     state_dict = None
     if float16:

@@ -370,3 +370,16 @@ def test_publish_says_in_one_line_what_is_wrong(model_and_processor, tmp_path):
             publish(tmp_path / "nothing", REPO_ID)
     finally:
         constants.HF_HUB_OFFLINE = constants_offline
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_not_published(tmp_path):
+    from tiny import tiny_model, tiny_processor
+
+    from processing import VocabularyMismatchError
+
+    model, processor = tiny_model(), tiny_processor()  # a 12-word model with a 30-entry tokenizer
+    with pytest.raises(
+        VocabularyMismatchError, match="the tokenizer has 30 entries but the model's vocabulary has 12"
+    ):
+        save_for_hub(model, processor, tmp_path / "upload")
+    assert not (tmp_path / "upload").exists()
