@@ -17,6 +17,7 @@ import glob
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from clip_lstm_captioner.cli import (
     positive_int,
     run_cli,
 )
+from clip_lstm_captioner.distributed import gather_in_order, process_state, share_of
 from clip_lstm_captioner.errors import UsageError
 from clip_lstm_captioner.files import atomic_write
 from clip_lstm_captioner.images import pixel_batches
@@ -190,8 +192,27 @@ def caption_all(
     return captioned, len(skipped)
 
 
+def caption_across_processes(args, paths: list[Path], model, processor, file_format: str, processes):
+    """Under `accelerate launch`: each process captions whole batches of its share of `paths`, and
+    the main process writes everyone's rows, in input order, into the one output file.
+    Returns (captioned, skipped) over all processes."""
+    share = [paths[i] for i in share_of(len(paths), processes, block=args.batch_size)]
+    rows = []
+    counts = caption_all(args, share, model, processor, SimpleNamespace(write=rows.append))
+    rows, counts = gather_in_order(rows, processes), gather_in_order([counts], processes)
+    if processes.is_main_process:
+        with atomic_write(args.output, newline="", encoding="utf-8") as file:
+            writer = CaptionRows(file, file_format)
+            for row in rows:
+                writer.write(row)
+    return sum(captioned for captioned, _ in counts), sum(skipped for _, skipped in counts)
+
+
 def run(args: argparse.Namespace) -> int:
-    """The work after parsing: find the images, load the model, caption into the output file."""
+    """The work after parsing: find the images, load the model, caption into the output file.
+
+    Under `accelerate launch` the processes share the images (`caption_across_processes`).
+    """
     file_format, device = _check_arguments(args)
     paths, unmatched = find_images(args.inputs)
     if not paths:
@@ -199,13 +220,19 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no image files found in {' '.join(args.inputs)} (looked for {extensions})")
     for pattern in unmatched:
         print(f"caption_images.py: warning: no image files in {pattern}", file=sys.stderr)
-    model, processor = load_captioner(args.model, device)
-    with atomic_write(args.output, newline="", encoding="utf-8") as file:
-        captioned, skipped = caption_all(args, paths, model, processor, CaptionRows(file, file_format))
-    print(
-        f"captioned {captioned} image(s) into {args.output}; skipped {skipped} unreadable file(s)",
-        file=sys.stderr,
-    )
+    processes = process_state()  # one process unless started by `accelerate launch`
+    if processes.num_processes > 1:
+        model, processor = load_captioner(args.model, processes.device)
+        captioned, skipped = caption_across_processes(args, paths, model, processor, file_format, processes)
+    else:
+        model, processor = load_captioner(args.model, device)
+        with atomic_write(args.output, newline="", encoding="utf-8") as file:
+            captioned, skipped = caption_all(args, paths, model, processor, CaptionRows(file, file_format))
+    if processes.is_main_process:
+        print(
+            f"captioned {captioned} image(s) into {args.output}; skipped {skipped} unreadable file(s)",
+            file=sys.stderr,
+        )
     return 0 if captioned else 1
 
 

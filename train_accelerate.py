@@ -103,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--patience", type=int, default=5,
                        help="Stop after this many epochs without a better validation loss.")
     train.add_argument("--embed_batch_size", type=int, default=256, help="Images per CLIP batch when caching.")
-    train.add_argument("--num_workers", type=int, default=None, help="Image-decoding workers when caching.")
+    train.add_argument("--num_workers", type=int, default=None,
+                       help="Image-decoding workers per process when caching (default: CPU cores / processes, up to 8).")
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", default="outputs/run", help="Run folder: model/, checkpoints/, loss curve, logs.")
     out.add_argument("--checkpointing_steps", default=None,
@@ -387,7 +388,7 @@ def train(args: argparse.Namespace) -> dict:
         recover_interrupted_save(output_dir / MODEL_FOLDER)
     accelerator.print(f"processes: {accelerator.num_processes}, device: {accelerator.device}")
 
-    # Data, tokenizer, model; the CLIP embeddings are computed once (main process first, then read from cache).
+    # Data, tokenizer, model; the CLIP embeddings are computed once, each process encoding its share.
     with accelerator.main_process_first():
         splits = dataset_from_args(args)
     tokenizer = build_tokenizer(args, splits["train"])
@@ -398,13 +399,12 @@ def train(args: argparse.Namespace) -> dict:
     processor = ClipLstmProcessor(image_processor_for(model.config.vision_config), tokenizer, args.max_caption_length)
     model.to(accelerator.device)
     encoder = weights_digest(model.vision_tower)  # hashed once for the three splits
-    with accelerator.main_process_first():
-        splits = {
-            name: cache_image_embeds(split, model, processor.image_processor, cache_dir=args.data_cache_dir,
-                                     batch_size=args.embed_batch_size, num_workers=args.num_workers,
-                                     on_bad_image=args.on_bad_image, encoder_digest=encoder)
-            for name, split in splits.items()
-        }
+    splits = {
+        name: cache_image_embeds(split, model, processor.image_processor, cache_dir=args.data_cache_dir,
+                                 batch_size=args.embed_batch_size, num_workers=args.num_workers,
+                                 on_bad_image=args.on_bad_image, encoder_digest=encoder, accelerator=accelerator)
+        for name, split in splits.items()
+    }
     model.fit_image_statistics(image_embeds_of(splits["train"]))
     train_pairs = CaptionPairs.from_split(splits["train"], tokenizer, args.max_caption_length)
     val_pairs = CaptionPairs.from_split(splits["validation"], tokenizer, args.max_caption_length)
