@@ -517,9 +517,20 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         decoder = self.decoder
         decoder.image_embeds_mean.zero_()
         decoder.image_embeds_std.fill_(1.0)
-        features = decoder.prepare_image_embeds(image_embeds.to(decoder.image_embeds_mean.device))
-        decoder.image_embeds_mean.copy_(features.mean(dim=0))
-        decoder.image_embeds_std.copy_(features.std(dim=0).clamp_min(1e-6))
+        if len(image_embeds) < 2:
+            return  # no spread to measure: the identity standardisation
+        # Two passes over chunks of rows, summed in float64: `image_embeds` may be a memory-mapped
+        # cache of a whole dataset, and the (N, D) temporaries of one pass would grow with it.
+        chunks = image_embeds.split(16384)
+        device = decoder.image_embeds_mean.device
+        total = sum(decoder.prepare_image_embeds(chunk.to(device)).double().sum(0) for chunk in chunks)
+        mean = total / len(image_embeds)
+        squares = sum(
+            (decoder.prepare_image_embeds(chunk.to(device)).double() - mean).square().sum(0)
+            for chunk in chunks
+        )
+        decoder.image_embeds_mean.copy_(mean.float())
+        decoder.image_embeds_std.copy_((squares / (len(image_embeds) - 1)).sqrt().float().clamp_min(1e-6))
 
     def train(self, mode: bool = True):
         super().train(mode)
