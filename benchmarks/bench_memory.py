@@ -10,7 +10,7 @@ one epoch of training batches (no forward pass: the point is reading the feature
 evaluation batch. It reports the peak of anonymous memory (the process's own allocations, sampled
 every 5 ms) and the peak resident set (which also counts pages of the memory-mapped cache file
 that were read: the system drops and rereads those under pressure), and each one's slope in bytes
-per image between the smallest and the largest size. Prints JSON.
+per image between consecutive sizes. Prints JSON.
 """
 
 from __future__ import annotations
@@ -133,11 +133,14 @@ def measure(cache_file: Path, mode: str) -> dict:
 
 
 def slopes(rows: list[dict]) -> dict:
-    first, last = rows[0], rows[-1]
-    images = last["num_images"] - first["num_images"]
+    """Bytes per added image between consecutive sizes (the last pair is the large-size slope)."""
     return {
-        name: (last[name] - first[name]) / images if images else None
-        for name in ("peak_anon_bytes", "peak_rss_bytes")
+        f"{low['num_images']}_to_{high['num_images']}": {
+            name: (high[name] - low[name]) / (high["num_images"] - low["num_images"])
+            for name in ("peak_anon_bytes", "peak_rss_bytes")
+        }
+        for low, high in zip(rows, rows[1:], strict=False)
+        if high["num_images"] > low["num_images"]
     }
 
 
