@@ -28,6 +28,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -41,6 +42,7 @@ from clip_lstm_captioner.cli import (
     positive_int,
     run_cli,
 )
+from clip_lstm_captioner.distributed import gather_in_order, process_state, share_of
 from clip_lstm_captioner.errors import UsageError
 from clip_lstm_captioner.files import atomic_write
 from clip_lstm_captioner.images import pixel_batches
@@ -305,8 +307,31 @@ def caption_all(
     return captioned, len(skipped)
 
 
+def caption_across_processes(args, paths: list[Path], model, processor, file_format: str, processes):
+    """Under `accelerate launch`: each process captions whole batches of its share of `paths`, and
+    the main process writes everyone's rows, in input order, into the one output file.
+    Returns (captioned, skipped) over all processes."""
+    share = [paths[i] for i in share_of(len(paths), processes, block=args.batch_size)]
+    rows = []
+    counts = caption_all(args, share, model, processor, SimpleNamespace(write=rows.append))
+    rows, counts = gather_in_order(rows, processes), gather_in_order([counts], processes)
+    captioned, skipped = sum(done for done, _ in counts), sum(left for _, left in counts)
+    if processes.is_main_process:
+        with open_output(args.output) as file:
+            writer = CaptionRows(file, file_format, args.output)
+            for row in rows:
+                problem = writer.write(row)
+                if problem:  # a row that cannot be encoded is left out, as in `caption_all`
+                    tqdm.write(f"skipped {problem}", file=sys.stderr)
+                    captioned, skipped = captioned - 1, skipped + 1
+    return captioned, skipped
+
+
 def run(args: argparse.Namespace) -> int:
-    """The work after parsing: find the images, load the model, caption into the output file."""
+    """The work after parsing: find the images, load the model, caption into the output file.
+
+    Under `accelerate launch` the processes share the images (`caption_across_processes`).
+    """
     file_format, device = _check_arguments(args)
     paths, unmatched = find_images(args.inputs)
     if not paths:
@@ -314,16 +339,23 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no image files found in {' '.join(args.inputs)} (looked for {extensions})")
     for pattern in unmatched:
         print(f"caption_images.py: warning: no image files in {pattern}", file=sys.stderr)
-    for path in remove_stale_partials(args.output):
-        print(f"caption_images.py: removed {path}, left by an interrupted run", file=sys.stderr)
-    with open_output(args.output) as file:  # before the model loads: an unwritable --output fails at once
-        model, processor = load_captioner(args.model, device)
-        rows = CaptionRows(file, file_format, args.output)
-        captioned, skipped = caption_all(args, paths, model, processor, rows)
-    print(
-        f"captioned {captioned} image(s) into {args.output}; skipped {skipped} unreadable file(s)",
-        file=sys.stderr,
-    )
+    processes = process_state()  # one process unless started by `accelerate launch`
+    if processes.is_main_process:
+        for path in remove_stale_partials(args.output):
+            print(f"caption_images.py: removed {path}, left by an interrupted run", file=sys.stderr)
+    if processes.num_processes > 1:
+        model, processor = load_captioner(args.model, processes.device)
+        captioned, skipped = caption_across_processes(args, paths, model, processor, file_format, processes)
+    else:
+        with open_output(args.output) as file:  # before the model loads: an unwritable --output fails at once
+            model, processor = load_captioner(args.model, device)
+            rows = CaptionRows(file, file_format, args.output)
+            captioned, skipped = caption_all(args, paths, model, processor, rows)
+    if processes.is_main_process:
+        print(
+            f"captioned {captioned} image(s) into {args.output}; skipped {skipped} unreadable file(s)",
+            file=sys.stderr,
+        )
     return 0 if captioned else 1
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import datasets
 import evaluate
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -41,6 +42,7 @@ from clip_lstm_captioner.cli import (
     load_pretrained,
     run_cli,
 )
+from clip_lstm_captioner.distributed import gather_in_order, process_state, share_of
 from clip_lstm_captioner.embedding_cache import cache_image_embeds, image_embeds_of
 from clip_lstm_captioner.errors import UsageError
 from clip_lstm_captioner.images import pixel_batches
@@ -179,18 +181,26 @@ def caption_split(
     num_workers: int = 0,
     on_bad_image: str = "error",
     desc: str = "captioning",
+    processes: PartialState | None = None,
 ) -> list[str | None]:
     """One caption per image of `split`, in batches; None for an unreadable image that was skipped.
 
     Uses the split's cached `image_embeds` when it has them and `use_image_embeds` is set (our
     model); otherwise decodes the images and passes `pixel_values`, which any captioner with a
-    transformers-style `generate()` takes (our model, BLIP).
+    transformers-style `generate()` takes (our model, BLIP). Under `accelerate launch` pass
+    `processes` (a PartialState): each process captions whole batches of its share and every
+    process gets all captions back, in order.
 
     Example:
         caption_split(model, processor, test, num_beams=5, max_new_tokens=30)[:2]
         # -> ['a blue square at the top', 'a red circle on the left']
     """
     model.eval()
+    if processes is not None and processes.num_processes > 1:
+        share = split.select(share_of(split.num_rows, processes, block=batch_size))
+        kwargs = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+        kwargs.update(use_image_embeds=use_image_embeds, num_workers=num_workers, on_bad_image=on_bad_image)
+        return gather_in_order(caption_split(model, processor, share, **kwargs), processes)
     if use_image_embeds and "image_embeds" in split.column_names:
         batches = _embeds_batches(split, batch_size)
     else:
@@ -298,7 +308,8 @@ def evaluate_captioner(
     num_workers: int = 0,
     on_bad_image: str = "error",
     blip_unavailable: str | None = None,
-) -> dict:
+    processes: PartialState | None = None,
+) -> dict | None:
     """Caption every image of `split` once, score against all references, write the report files.
 
     `split` has rows `image`, `image_id`, `captions`, and ideally `image_embeds` (from
@@ -309,6 +320,9 @@ def evaluate_captioner(
     training-caption baseline; `shapes_scenes` (`read_scenes`) adds colour and shape accuracy.
     `num_beams` / `max_new_tokens` default to the model's generation config. Writes report.json,
     report.md, captions.jsonl, gallery.html and gallery.png to `output_dir`; returns the report.
+    Under `accelerate launch`, call it on every process with `processes` (a PartialState): the
+    images are shared out, and the main process alone scores, writes and returns the report
+    (the others return None).
 
     Example:
         report = evaluate_captioner(model, processor, splits["test"], output_dir="outputs/demo/eval",
@@ -320,7 +334,10 @@ def evaluate_captioner(
     check_references(split, split_name)
     from_embeds = "image_embeds" in split.column_names
     options = dict(settings, batch_size=batch_size, num_workers=num_workers, on_bad_image=on_bad_image)
+    options["processes"] = processes
     split, captions, seconds = _caption_with_each_model(model, processor, split, blip, options)
+    if processes is not None and not processes.is_main_process:
+        return None  # scores are computed once, by the main process
     names = {OURS: model_name or model.name_or_path or OURS}
     if blip is not None:
         names[BLIP] = blip[0].name_or_path or BLIP
@@ -540,19 +557,25 @@ def _shapes_scenes(args) -> dict | None:
     return read_scenes(root) if (root / "scenes.jsonl").is_file() else None
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The CLI's work, after argument parsing: load, cache, evaluate, print, publish."""
+def run(args: argparse.Namespace) -> dict | None:
+    """The CLI's work, after argument parsing: load, cache, evaluate, print, publish.
+
+    Under `accelerate launch` every process caches and captions its share; the main process
+    scores, writes, prints and publishes (and returns the report; the others return None).
+    """
     _check_args(args)
+    processes = process_state()  # one process unless started by `accelerate launch`
     repo_id = _hub_repo_id(args)
     model, processor = load_captioner(args.model)
     # BLIP fails in seconds, before the long work; without it our model is still evaluated.
     blip, blip_unavailable = load_blip_or_reason(args.blip_model) if args.compare_blip else (None, None)
-    splits = data.dataset_from_args(args)
+    with processes.main_process_first():  # the shapes set is generated once
+        splits = data.dataset_from_args(args)
     split, split_name = select_split(splits, args.split)
     if args.max_images:
         split = split.select(range(min(args.max_images, split.num_rows)))
     check_references(split, split_name)
-    device = default_device(args.device)
+    device = default_device(args.device) if processes.num_processes == 1 else processes.device
     model.to(device)
     if blip is not None:
         blip[0].to(device)
@@ -565,6 +588,7 @@ def run(args: argparse.Namespace) -> dict:
             batch_size=args.embed_batch_size,
             num_workers=args.num_workers,
             on_bad_image=args.on_bad_image,
+            accelerator=processes,
         )
     train = splits.get("train")
     report = evaluate_captioner(
@@ -587,7 +611,10 @@ def run(args: argparse.Namespace) -> dict:
         num_workers=default_num_workers(args.num_workers),
         on_bad_image=args.on_bad_image,
         blip_unavailable=blip_unavailable,
+        processes=processes,
     )
+    if report is None:
+        return None  # not the main process
     print(render_markdown(report))
     print(
         f"written to {_output_dir(args)}: report.json, report.md, captions.jsonl, gallery.html, gallery.png"

@@ -626,13 +626,25 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         decoder = self.decoder
         decoder.image_embeds_mean.zero_()
         decoder.image_embeds_std.fill_(1.0)
-        features = decoder.prepare_image_embeds(image_embeds.to(decoder.image_embeds_mean.device))  # (N, D)
-        features = features[features.isfinite().all(dim=1)]
-        if len(features) == 0:
+        device = decoder.image_embeds_mean.device
+
+        def finite_rows():  # (n, D) float64 chunks without the rows that hold NaN or inf
+            for chunk in image_embeds.split(16384):
+                features = decoder.prepare_image_embeds(chunk.to(device)).double()
+                yield features[features.isfinite().all(dim=1)]
+
+        # Two passes over chunks of rows, summed in float64: `image_embeds` may be a memory-mapped
+        # cache of a whole dataset, and the (N, D) temporaries of one pass would grow with it.
+        count = total = 0
+        for features in finite_rows():
+            count, total = count + len(features), total + features.sum(0)
+        if count == 0:
             raise ValueError(f"fit_image_statistics: no finite feature row among {len(image_embeds)}")
-        decoder.image_embeds_mean.copy_(features.mean(dim=0))
-        if len(features) > 1:  # the std of one row is NaN (N - 1 = 0 degrees of freedom)
-            decoder.image_embeds_std.copy_(features.std(dim=0).clamp_min(1e-6))
+        mean = total / count
+        if count > 1:  # the std of one row is NaN (N - 1 = 0 degrees of freedom): keep 1
+            squares = sum((features - mean).square().sum(0) for features in finite_rows())
+            decoder.image_embeds_std.copy_((squares / (count - 1)).sqrt().float().clamp_min(1e-6))
+        decoder.image_embeds_mean.copy_(mean.float())
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -122,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--patience", type=positive_int, default=5,
                        help="Stop after this many epochs without a better validation loss.")
     train.add_argument("--embed_batch_size", type=positive_int, default=256, help="Images per CLIP batch when caching.")
-    train.add_argument("--num_workers", type=non_negative_int, default=None, help="Image-decoding workers when caching.")
+    train.add_argument("--num_workers", type=non_negative_int, default=None,
+                       help="Image-decoding workers per process when caching (default: CPU cores / processes, up to 8).")
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", default="outputs/run",
                      help="Run folder: model/, checkpoints/, loss curve, logs. One run per folder: a folder "
@@ -272,9 +273,10 @@ def random_vision_config(args) -> CLIPVisionConfig:
 class CaptionPairs(torch.utils.data.Dataset):
     """Every reference caption of every image, as training items (image features, caption tokens).
 
-    Captions are kept in one padded (N, L) tensor, and a batch is cut with a few tensor ops
+    Captions are kept in one padded (N, L) int32 tensor, and a batch is cut with a few tensor ops
     (`__getitems__`, which DataLoader calls with a batch's indices) and trimmed to its longest
-    caption: no per-item Python padding, which would dominate a 10 ms GPU step.
+    caption: no per-item Python padding, which would dominate a 10 ms GPU step. `image_embeds`
+    stays where `image_embeds_of` put it (the memory-mapped cache file): a batch copies its rows.
 
     >>> pairs = CaptionPairs(torch.zeros(2, 4), [0, 0, 1], [[1, 5, 2], [1, 2], [1, 6, 7, 2]], pad_token_id=0)
     >>> batch = pairs.__getitems__([0, 1])
@@ -286,17 +288,32 @@ class CaptionPairs(torch.utils.data.Dataset):
         self.image_embeds, self.image_index = image_embeds, torch.as_tensor(image_index, dtype=torch.long)
         self.lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.long)
         longest = int(self.lengths.max()) if len(token_ids) else 1
-        self.tokens = torch.full((len(token_ids), longest), pad_token_id, dtype=torch.long)
+        self.tokens = torch.full((len(token_ids), longest), pad_token_id, dtype=torch.int32)
         for row, ids in enumerate(token_ids):
-            self.tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            self.tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
 
     @classmethod
-    def from_split(cls, split: datasets.Dataset, tokenizer, max_length: int = 64) -> CaptionPairs:
-        """Tokenise all captions of a split that has an `image_embeds` column."""
-        image_index = [i for i, captions in enumerate(split["captions"]) for _ in captions]
-        captions = [caption for captions in split["captions"] for caption in captions]
-        token_ids = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"] if captions else []
-        return cls(image_embeds_of(split), image_index, token_ids, tokenizer.pad_token_id)
+    def from_split(cls, split: datasets.Dataset, tokenizer, max_length: int = 64, chunk: int = 4096) -> CaptionPairs:
+        """Tokenise all captions of a split that has an `image_embeds` column.
+
+        `chunk` images at a time: the tokenizer's Python lists for a whole COCO split would take
+        several times the memory of the tensors kept.
+        """
+        pad, parts = tokenizer.pad_token_id, []
+        for start in range(0, split.num_rows, chunk):
+            rows = split.select_columns(["captions"])[start : start + chunk]["captions"]
+            image_index = [start + i for i, captions in enumerate(rows) for _ in captions]
+            captions = [caption for captions in rows for caption in captions]
+            token_ids = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"] if captions else []
+            parts.append(cls(None, image_index, token_ids, pad))
+        pairs = cls(image_embeds_of(split), [], [], pad)
+        if parts:
+            width = max(part.tokens.shape[1] for part in parts)
+            pairs.image_index = torch.cat([part.image_index for part in parts])
+            pairs.lengths = torch.cat([part.lengths for part in parts])
+            pairs.tokens = torch.cat([torch.nn.functional.pad(part.tokens, (0, width - part.tokens.shape[1]), value=pad)
+                                      for part in parts])  # fmt: skip
+        return pairs
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -305,7 +322,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         """A batch padded to its longest caption: `image_embeds`, `input_ids`, `attention_mask`, `labels` (-100 at padding)."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         lengths = self.lengths[indices]
-        input_ids = self.tokens[indices, : int(lengths.max())]
+        input_ids = self.tokens[indices, : int(lengths.max())].long()
         attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         return {
             "image_embeds": self.image_embeds[self.image_index[indices]],
@@ -659,7 +676,7 @@ def run_training(args, accelerator, trackers: list[str] | None, checkpoint: Path
     set_seed(args.seed)
     accelerator.print(f"processes: {accelerator.num_processes}, device: {accelerator.device}")
 
-    # Data, tokenizer, model; the CLIP embeddings are computed once (main process first, then read from cache).
+    # Data, tokenizer, model; the CLIP embeddings are computed once, each process encoding its share.
     with accelerator.main_process_first():
         splits = dataset_from_args(args)
     tokenizer = build_tokenizer(args, splits["train"])
@@ -670,13 +687,12 @@ def run_training(args, accelerator, trackers: list[str] | None, checkpoint: Path
     processor = ClipLstmProcessor(image_processor_for(model.config.vision_config), tokenizer, args.max_caption_length)
     model.to(accelerator.device)
     encoder = weights_digest(model.vision_tower)  # hashed once for the three splits
-    with accelerator.main_process_first():
-        splits = {
-            name: cache_image_embeds(split, model, processor.image_processor, cache_dir=args.data_cache_dir,
-                                     batch_size=args.embed_batch_size, num_workers=args.num_workers,
-                                     on_bad_image=args.on_bad_image, encoder_digest=encoder)
-            for name, split in splits.items()
-        }
+    splits = {
+        name: cache_image_embeds(split, model, processor.image_processor, cache_dir=args.data_cache_dir,
+                                 batch_size=args.embed_batch_size, num_workers=args.num_workers,
+                                 on_bad_image=args.on_bad_image, encoder_digest=encoder, accelerator=accelerator)
+        for name, split in splits.items()
+    }
     model.fit_image_statistics(image_embeds_of(splits["train"]))
     train_pairs = CaptionPairs.from_split(splits["train"], tokenizer, args.max_caption_length)
     val_pairs = CaptionPairs.from_split(splits["validation"], tokenizer, args.max_caption_length)

@@ -116,3 +116,35 @@ def test_eos_bias_makes_captions_end_at_varied_lengths():
     lengths = (sequences != model.config.pad_token_id).sum(1) - 1
     assert 1 <= int(lengths.min()) < int(lengths.max()) == 10
     assert 0.0 < float((sequences == model.config.eos_token_id).any(1).float().mean()) < 1.0
+
+
+REHEARSAL = Path(__file__).resolve().parent.parent / "benchmarks" / "rehearsal.py"
+
+
+def test_rehearsal_runs_every_stage_at_a_tiny_size(tmp_path):
+    # The benchmark itself is minutes to hours; here 24 images and a tiny tower check that it runs.
+    command = [sys.executable, str(REHEARSAL), "--num_images", "24", "--tiny_tower", "--num_workers", "0"]
+    command += ["--workdir", str(tmp_path / "work"), "--output", str(tmp_path / "rehearsal.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(
+        result.stdout
+    )  # stdout is the JSON alone; the training script's output goes to stderr
+    assert json.loads((tmp_path / "rehearsal.json").read_text()) == printed
+    assert set(printed["stages_seconds"]) == set(rehearsal_stages())
+    assert all(seconds > 0 for seconds in printed["stages_seconds"].values()), printed["stages_seconds"]
+    assert printed["device"]["type"] == "cpu" and printed["settings"]["num_images"] == 24
+    assert printed["epochs_run"] == 1 and printed["cache_images_per_s"] > 0
+    evaluation = printed["evaluation"]
+    assert (
+        evaluation["num_images"] == 3 and evaluation["generation"]["num_beams"] == 5
+    )  # the seeded test split
+    assert evaluation["captioning_seconds"] > 0 and 0 <= evaluation["bleu_4"] <= 1
+    assert printed["peak_memory"]["process_rss_mib"] > 0
+    assert (tmp_path / "work" / "flickr8k" / "captions.txt").read_text().count("\n") == 1 + 24 * 5
+
+
+def rehearsal_stages():
+    from benchmarks import rehearsal
+
+    return rehearsal.STAGES

@@ -137,3 +137,18 @@ def test_caption_pairs_use_every_reference_and_pad_per_batch(tmp_path, shapes_fo
     torch.testing.assert_close(batch["image_embeds"][1], image_embeds_of(split)[1])  # caption 7 is image 1's
     assert [batch["input_ids"][row, : lengths[row]].tolist() for row in range(2)] == expected
     assert pairs[7]["input_ids"].tolist() == expected[1]  # a single item is trimmed to its own length
+
+
+def test_training_reads_the_cache_memory_mapped_without_a_copy(tmp_path, shapes_folder):
+    # At COCO size a copied (N, 768) column is 380 MB per copy; the cache file's pages are shared instead.
+    split = embed(load_caption_dataset(shapes_folder)["train"], tiny_model(), tmp_path / "cache")
+    assert isinstance(split.data, datasets.table.MemoryMappedTable)
+    buffer = split.data.column("image_embeds").chunk(0).values.buffers()[1]  # the float32 values in the file
+    inside_the_file = lambda tensor: buffer.address <= tensor.data_ptr() < buffer.address + buffer.size  # noqa: E731
+    assert inside_the_file(image_embeds_of(split))
+    assert inside_the_file(image_embeds_of(split.select(range(3, 9))))  # a contiguous selection too
+    assert torch.equal(image_embeds_of(split.select(range(3, 9))), image_embeds_of(split)[3:9])
+    pairs = CaptionPairs.from_split(split, tiny_processor().tokenizer)
+    assert inside_the_file(pairs.image_embeds)
+    picked = split.select([4, 1])  # rows picked out of order: a copy of those rows only
+    assert torch.equal(image_embeds_of(picked), image_embeds_of(split)[[4, 1]])
