@@ -408,101 +408,51 @@ def _score_rows(
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="Our captioner: a folder saved by train_accelerate.py (run folder's model/) or a Hub repo id.",
-    )
+    # fmt: off
+    # Left as written: the formatter would spread each flag over five lines.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="Our captioner: a folder saved by train_accelerate.py (run folder's model/) or a Hub repo id.")
     data.add_data_args(parser)
-    parser.add_argument(
-        "--split",
-        default="test",
-        help="Split to caption and score: train, validation or test (default: test).",
-    )
-    parser.add_argument(
-        "--max_images",
-        type=int,
-        default=None,
-        help="Evaluate only the first N images of the split, for a quick look (default: all).",
-    )
-    parser.add_argument(
-        "--output_dir",
-        default=None,
-        help="Where the report, captions and gallery go (default: eval_<split> beside a local "
-        "model folder, else outputs/eval/<repo name>).",
-    )
+    parser.add_argument("--split", default="test",
+                        help="Split to caption and score: train, validation or test (default: test).")
+    parser.add_argument("--max_images", type=int, default=None,
+                        help="Evaluate only the first N images of the split, for a quick look (default: all).")
+    parser.add_argument("--output_dir", default=None,
+                        help="Where the report, captions and gallery go (default: eval_<split> beside a local "
+                        "model folder, else outputs/eval/<repo name>).")
     decoding = parser.add_argument_group("decoding")
-    decoding.add_argument(
-        "--num_beams",
-        type=beam_width,
-        default=None,
-        help="Beam width, 1 to 64 (default: the model's saved generation config).",
-    )
-    decoding.add_argument(
-        "--max_new_tokens",
-        type=int,
-        default=None,
-        help="Caption length limit in tokens (default: the model's saved generation config).",
-    )
+    decoding.add_argument("--num_beams", type=beam_width, default=None,
+                          help="Beam width, 1 to 64 (default: the model's saved generation config).")
+    decoding.add_argument("--max_new_tokens", type=int, default=None,
+                          help="Caption length limit in tokens (default: the model's saved generation config).")
     decoding.add_argument("--batch_size", type=int, default=64, help="Images per generate() call.")
-    decoding.add_argument(
-        "--device", default=None, help="torch device (default: cuda if available, else cpu)."
-    )
-    decoding.add_argument(
-        "--no_cache",
-        action="store_true",
-        help="Caption from the image files (pixel_values through CLIP) instead of cached CLIP embeddings.",
-    )
-    decoding.add_argument(
-        "--embed_batch_size",
-        type=int,
-        default=256,
-        help="Images per CLIP batch when filling the embedding cache.",
-    )
-    decoding.add_argument(
-        "--num_workers",
-        type=int,
-        default=None,
-        help="Image-decoding worker processes (default: up to 8, one per CPU core).",
-    )
+    decoding.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    decoding.add_argument("--no_cache", action="store_true",
+                          help="Caption from the image files (pixel_values through CLIP) instead of cached CLIP embeddings.")
+    decoding.add_argument("--embed_batch_size", type=int, default=256,
+                          help="Images per CLIP batch when filling the embedding cache.")
+    decoding.add_argument("--num_workers", type=int, default=None,
+                          help="Image-decoding worker processes (default: up to 8, one per CPU core).")
     scoring = parser.add_argument_group("scoring")
-    scoring.add_argument(
-        "--tokenize",
-        choices=("python", "ptb"),
-        default="python",
-        help="Caption tokenizer before scoring: 'python' (coco-caption's PTB rules, no Java) or 'ptb' "
-        "(coco-caption's Java tokenizer, needs pycocoevalcap and java).",
-    )
-    scoring.add_argument(
-        "--no_meteor",
-        action="store_true",
-        help="Skip METEOR (it starts a Java process: about 10 s per model on 2 CPU cores).",
-    )
-    scoring.add_argument(
-        "--compare_blip", action="store_true", help="Also caption and score the same images with BLIP."
-    )
-    scoring.add_argument(
-        "--blip_model",
-        default=DEFAULT_BLIP_MODEL,
-        help=f"BLIP Hub id or local folder for --compare_blip (default {DEFAULT_BLIP_MODEL}, needs the network).",
-    )
-    scoring.add_argument(
-        "--num_gallery", type=int, default=8, help="Images shown in gallery.html and gallery.png."
-    )
+    scoring.add_argument("--tokenize", choices=("python", "ptb"), default="python",
+                         help="Caption tokenizer before scoring: 'python' (coco-caption's PTB rules, no Java) or 'ptb' "
+                         "(coco-caption's Java tokenizer, needs pycocoevalcap and java).")
+    scoring.add_argument("--no_meteor", action="store_true",
+                         help="Skip METEOR (it starts a Java process: about 10 s per model on 2 CPU cores).")
+    scoring.add_argument("--compare_blip", action="store_true", help="Also caption and score the same images with BLIP.")
+    scoring.add_argument("--blip_model", default=DEFAULT_BLIP_MODEL,
+                         help=f"BLIP Hub id or local folder for --compare_blip (default {DEFAULT_BLIP_MODEL}, "
+                         "needs the network).")
+    scoring.add_argument("--num_gallery", type=int, default=8, help="Images shown in gallery.html and gallery.png.")
     hub = parser.add_argument_group("hub")
-    hub.add_argument(
-        "--push_to_hub",
-        action="store_true",
-        help="Publish the evaluated model with this report as its model card's model-index (publishing.publish).",
-    )
-    hub.add_argument(
-        "--hub_model_id",
-        default=None,
-        help="Hub repo for --push_to_hub (default: --model when that is a Hub id; required for a local folder).",
-    )
+    hub.add_argument("--push_to_hub", action="store_true",
+                     help="Publish the evaluated model with this report as its model card's model-index "
+                     "(clip_lstm_captioner.publishing.publish).")
+    hub.add_argument("--hub_model_id", default=None,
+                     help="Hub repo for --push_to_hub (default: --model when that is a Hub id; required for a "
+                     "local folder).")
+    # fmt: on
     return parser.parse_args(argv)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -112,6 +113,49 @@ def beam_width(text: str) -> int:
             f"must be at most {MAX_NUM_BEAMS}, got {value} (wider beams cost time and memory without better captions)"
         )
     return value
+
+
+def steps_or_epoch(text: str) -> int | str:
+    """argparse type of --checkpointing_steps: 'epoch' or a positive number of optimizer steps.
+
+    >>> steps_or_epoch("epoch"), steps_or_epoch("500")
+    ('epoch', 500)
+    """
+    return "epoch" if text == "epoch" else positive_int(text)
+
+
+def _float_in(text: str, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    value = float(text)
+    inside = math.isfinite(value) and (low < value if low_open else low <= value)
+    inside = inside and (value < high if high_open else value <= high)
+    if not inside:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise argparse.ArgumentTypeError(f"must be a number in {bounds}, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rate)."""
+    return _float_in(text, 0.0, math.inf, low_open=True, high_open=True)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (weight decay, gradient clipping norm)."""
+    return _float_in(text, 0.0, math.inf, low_open=False, high_open=True)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (warmup ratio)."""
+    return _float_in(text, 0.0, 1.0, low_open=False, high_open=False)
+
+
+def dropout_rate(text: str) -> float:
+    """argparse type: a probability in [0, 1); dropout 1 would zero every input.
+
+    >>> dropout_rate("0.2")
+    0.2
+    """
+    return _float_in(text, 0.0, 1.0, low_open=False, high_open=True)
 
 
 # ----------------------------------------------------------------------------- machine defaults

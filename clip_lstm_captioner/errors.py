@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from processing import CaptionerError, ImageLoadError
 
-__all__ = ["CaptionerError", "DatasetFormatError", "DatasetUnavailableError", "ImageLoadError", "UsageError"]
+__all__ = [
+    "CaptionerError",
+    "DatasetFormatError",
+    "DatasetUnavailableError",
+    "ImageLoadError",
+    "TrainingError",
+    "UsageError",
+]
 
 
 class UsageError(CaptionerError, ValueError):
@@ -21,3 +28,7 @@ class DatasetFormatError(CaptionerError, ValueError):
 
 class DatasetUnavailableError(CaptionerError, RuntimeError):
     """A Hub dataset that cannot be loaded (offline, not found); the message names the alternatives."""
+
+
+class TrainingError(CaptionerError, RuntimeError):
+    """A run that cannot go on (a full disk, a diverged loss); the message says what was kept."""

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tiny import TINY_VISION
 
 import train_accelerate
+from clip_lstm_captioner import run_folder
 from clip_lstm_captioner.data import load_caption_dataset
 from clip_lstm_captioner.embedding_cache import cache_image_embeds, image_embeds_of
 from clip_lstm_captioner.shapes import make_shapes_dataset, read_scenes, score_shapes_captions
@@ -299,7 +300,7 @@ def test_a_crash_while_saving_keeps_the_previous_best_model(tmp_path):
 
     folder = tmp_path / "model"
     model, processor = tiny_model(), tiny_processor()
-    train_accelerate.save_model_atomically(model, processor, folder, {"run": 1})
+    run_folder.save_model_atomically(model, processor, folder, {"run": 1})
     before = load_file(folder / "model.safetensors")
 
     class Broken(ClipLstmProcessor):
@@ -309,7 +310,7 @@ def test_a_crash_while_saving_keeps_the_previous_best_model(tmp_path):
     broken = Broken(processor.image_processor, processor.tokenizer)
     changed = tiny_model(seed=5)
     with pytest.raises(OSError, match="disk full"):
-        train_accelerate.save_model_atomically(changed, broken, folder, {"run": 2})
+        run_folder.save_model_atomically(changed, broken, folder, {"run": 2})
     after = load_file(folder / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((folder / "training_args.json").read_text()) == {"run": 1}
@@ -320,9 +321,9 @@ def test_a_crash_between_the_renames_is_recovered(tmp_path):
     from tiny import tiny_model, tiny_processor
 
     folder = tmp_path / "model"
-    train_accelerate.save_model_atomically(tiny_model(), tiny_processor(), folder, {})
+    run_folder.save_model_atomically(tiny_model(), tiny_processor(), folder, {})
     os.replace(folder, tmp_path / ".model.old")  # as if the process died right after the first rename
-    train_accelerate.recover_interrupted_save(folder)
+    run_folder.recover_interrupted_save(folder)
     assert ClipLstmForImageCaptioning.from_pretrained(folder).config.vocab_size == 12
 
 
@@ -473,8 +474,8 @@ def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
         [
             sys.executable,
             "-c",
-            "import sys, train_accelerate\n"
-            "with train_accelerate.output_dir_lock(__import__('pathlib').Path(sys.argv[1])):\n"
+            "import sys\nfrom clip_lstm_captioner import run_folder\n"
+            "with run_folder.output_dir_lock(__import__('pathlib').Path(sys.argv[1])):\n"
             "    print('locked', flush=True); sys.stdin.read()",
             str(run),
         ],
@@ -496,7 +497,7 @@ def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
         holder.wait(timeout=30)
     # The holder died without cleaning up: its lock file (and pid) remain, but the kernel released the lock.
     assert list(run.iterdir())
-    with train_accelerate.output_dir_lock(run) as lock_file:
+    with run_folder.output_dir_lock(run) as lock_file:
         assert lock_file.read_text().strip() == str(os.getpid())
     assert not list(run.iterdir())
 
