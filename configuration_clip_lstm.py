@@ -6,7 +6,7 @@ import copy
 
 from transformers import CLIPVisionConfig, PretrainedConfig
 
-IMAGE_FEATURES = ("pooled", "projected")
+IMAGE_FEATURES = ("pooled", "projected", "patches")
 # Written to config.json: `pipeline("image-to-text", model=<repo>, trust_remote_code=True)` loads this
 # class from the repo's modeling file (transformers 5.x has no image-to-text pipeline of its own).
 CUSTOM_PIPELINES = {
@@ -21,7 +21,8 @@ CUSTOM_PIPELINES = {
 class ClipLstmConfig(PretrainedConfig):
     r"""
     Configuration of [`ClipLstmForImageCaptioning`]: a frozen CLIP vision tower whose image
-    feature becomes the first input step of an LSTM caption decoder.
+    feature becomes the first input step of an LSTM caption decoder, which with `"patches"` also
+    attends over the tower's tokens at every step.
 
     Args:
         vision_config (`dict` or `CLIPVisionConfig`, *optional*):
@@ -30,7 +31,10 @@ class ClipLstmConfig(PretrainedConfig):
         image_feature (`str`, *optional*, defaults to `"pooled"`):
             Which CLIP output feeds the decoder: `"pooled"`, the post-layernorm CLS token
             (`pooler_output`, `vision_config.hidden_size` wide, as the original project used), or
-            `"projected"`, CLIP's projected image embedding (`vision_config.projection_dim` wide).
+            `"projected"`, CLIP's projected image embedding (`vision_config.projection_dim` wide), or
+            `"patches"`, the tower's final tokens (`last_hidden_state`: the CLS token and one token per
+            patch, (1 + (image_size // patch_size) ** 2, hidden_size)), over which the decoder attends
+            at every step (Show, Attend and Tell's soft attention, on the LSTM's output).
         normalize_image_embeds (`bool`, *optional*, defaults to `True`):
             L2-normalise the image feature inside the model before projecting it. Cached features
             are stored raw, so one cache serves both settings.
@@ -51,6 +55,8 @@ class ClipLstmConfig(PretrainedConfig):
             Token that starts every caption (the step after the image step).
         eos_token_id (`int`, *optional*, defaults to 49407):
             Token that ends every caption; a training target.
+        attention_dim (`int`, *optional*, defaults to 256):
+            Width of the attention's queries and keys (only used with `image_feature="patches"`).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialiser of linear and embedding weights.
         kwargs:
@@ -79,6 +85,7 @@ class ClipLstmConfig(PretrainedConfig):
         pad_token_id: int = 49408,
         bos_token_id: int = 49406,
         eos_token_id: int = 49407,
+        attention_dim: int = 256,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -98,6 +105,7 @@ class ClipLstmConfig(PretrainedConfig):
         self.num_layers = num_layers
         self.dropout = dropout
         self.vocab_size = vocab_size
+        self.attention_dim = attention_dim
         self.initializer_range = initializer_range
         kwargs.setdefault(
             "custom_pipelines", copy.deepcopy(CUSTOM_PIPELINES)
@@ -109,15 +117,33 @@ class ClipLstmConfig(PretrainedConfig):
 
     @property
     def image_feature_dim(self) -> int:
-        """Width of the CLIP feature the decoder reads: hidden size if pooled, projection if projected."""
+        """Width of the CLIP feature the decoder reads: the projection if projected, else the hidden size."""
         if self.image_feature == "projected":
             return self.vision_config.projection_dim
         return self.vision_config.hidden_size
 
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens per image the decoder attends over with `"patches"`: CLS plus one per patch (50 for ViT-B/32)."""
+        vision = self.vision_config
+        return 1 + (vision.image_size // vision.patch_size) ** 2
+
+    @property
+    def image_feature_shape(self) -> tuple[int, ...]:
+        """Shape of one image's feature: (num_image_tokens, D) with `"patches"`, else (D,).
+
+        Example:
+            >>> ClipLstmConfig(image_feature="patches").image_feature_shape  # ViT-B/32
+            (50, 768)
+        """
+        if self.image_feature == "patches":
+            return (self.num_image_tokens, self.image_feature_dim)
+        return (self.image_feature_dim,)
+
     def _validate(self) -> None:
         if self.image_feature not in IMAGE_FEATURES:
             raise ValueError(f"image_feature must be one of {IMAGE_FEATURES}, got {self.image_feature!r}")
-        for name in ("embed_dim", "hidden_size", "num_layers", "vocab_size"):
+        for name in ("embed_dim", "hidden_size", "num_layers", "vocab_size", "attention_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

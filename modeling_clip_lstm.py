@@ -56,6 +56,7 @@ GENERATION_DEFAULTS = {
     "suppress_tokens": None,
     "return_dict_in_generate": False,
     "output_scores": False,
+    "output_attentions": False,
 }
 # Also handled by our own search, as long as they agree with the model's config (token ids) or keep
 # caching on; `transformers_version` is bookkeeping.
@@ -77,12 +78,16 @@ class ClipLstmOutput(ModelOutput):
     Args:
         loss: mean cross-entropy over the caption tokens that are targets (EOS included, padding not).
         logits: (B, T, V) next-token logits aligned with `input_ids`: `logits[:, t]` predicts `input_ids[:, t + 1]`.
-        image_embeds: (B, D) the raw (unnormalised) CLIP feature the decoder was conditioned on.
+        image_embeds: (B, D), or (B, P, D) with `image_feature="patches"`, the raw (unnormalised) CLIP
+            feature the decoder was conditioned on.
+        attentions: (B, T, P) with `output_attentions=True` on a patches model: `attentions[:, t]` are the
+            weights over the image's P tokens with which `logits[:, t]` was computed.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    attentions: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -93,14 +98,50 @@ class ClipLstmGenerateOutput(ModelOutput):
         sequences: (B * num_return_sequences, L) `[BOS, w1 .. wn, EOS, PAD ...]`.
         sequences_scores: (B * num_return_sequences,) sum of token log-probs / length ** length_penalty,
             length counting generated tokens including EOS; set when `output_scores=True`.
+        attentions: (B * num_return_sequences, L, P) with `output_attentions=True` on a patches model:
+            `attentions[i, t]` are the weights over the image's P tokens with which `sequences[i, t]` was
+            written; zeros for BOS (given, not written) and for the padding after EOS.
     """
 
     sequences: torch.LongTensor | None = None
     sequences_scores: torch.FloatTensor | None = None
+    attentions: torch.FloatTensor | None = None
+
+
+class ClipLstmAttention(nn.Module):
+    """Soft attention of the LSTM's output over one image's tokens: one head, scaled dot product.
+
+    The query is the LSTM output h_t of the step that writes the next word (as in Lu et al. 2017,
+    "Knowing When to Look", rather than Show, Attend and Tell's h_{t-1}), so teacher forcing runs
+    the LSTM over the whole caption in one call and attends for every step at once; the context
+    and h_t meet in a tanh layer that feeds the output head (Luong et al. 2015).
+    """
+
+    def __init__(self, config: ClipLstmConfig):
+        super().__init__()
+        self.query = nn.Linear(config.hidden_size, config.attention_dim, bias=False)
+        self.key = nn.Linear(config.embed_dim, config.attention_dim, bias=False)
+        self.output = nn.Linear(config.hidden_size + config.embed_dim, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, values: torch.Tensor, keys: torch.Tensor):
+        """hidden (N, T, H), N = B * G rows image-major (G beams or samples per image); values (B, P, E)
+        and keys (B, P, A) per image -> attended outputs (N, T, H) and weights (N, T, P)."""
+        rows, steps, _ = hidden.shape
+        batch, tokens, width = keys.shape
+        queries = self.query(hidden).reshape(batch, -1, width)  # (B, G*T, A): an image's rows together
+        weights = (queries @ keys.transpose(1, 2) / math.sqrt(width)).softmax(-1)  # (B, G*T, P)
+        context = (weights @ values).reshape(rows, steps, -1)  # (N, T, E)
+        attended = torch.tanh(self.output(torch.cat([hidden, context], dim=-1)))
+        return attended, weights.reshape(rows, steps, tokens)
 
 
 class ClipLstmDecoder(nn.Module):
-    """The LSTM caption decoder: image step, then BOS w1 .. wn, one token per step."""
+    """The LSTM caption decoder: image step, then BOS w1 .. wn, one token per step.
+
+    With `image_feature="patches"` the image step is the mean of the projected tokens, and each
+    step's output attends over them ([`ClipLstmAttention`]). `memory` below is that per-image
+    (values (B, P, E), keys (B, P, A)) pair, or None for a pooled feature.
+    """
 
     def __init__(self, config: ClipLstmConfig):
         super().__init__()
@@ -119,36 +160,59 @@ class ClipLstmDecoder(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
             batch_first=True,
         )
+        self.attention = ClipLstmAttention(config) if config.image_feature == "patches" else None
         self.dropout = nn.Dropout(config.dropout)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def prepare_image_embeds(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, D) raw CLIP feature -> L2-normalised (if configured), then standardised."""
+        """(B, D) or (B, P, D) raw CLIP feature -> L2-normalised (if configured), then standardised,
+        each token on its own."""
         image_embeds = image_embeds.float()
         if self.normalize_image_embeds:
             image_embeds = F.normalize(image_embeds, dim=-1)
         return (image_embeds - self.image_embeds_mean) / self.image_embeds_std
 
-    def image_step(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, D) raw CLIP feature -> (B, 1, E) first LSTM input step."""
+    def encode(self, image_embeds: torch.Tensor):
+        """Raw CLIP feature -> (B, 1, E) first LSTM input step, and the memory to attend over (or None)."""
         features = self.prepare_image_embeds(image_embeds)
-        return self.image_projection(features.to(self.image_projection.weight.dtype)).unsqueeze(1)
+        projected = self.image_projection(features.to(self.image_projection.weight.dtype))
+        if self.attention is None:
+            return projected.unsqueeze(1), None
+        memory = (projected, self.attention.key(projected))  # (B, P, E), (B, P, A)
+        return projected.mean(dim=1, keepdim=True), memory
 
-    def forward(self, image_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: (B, D), (B, T) -> LSTM outputs (B, T, H) at the token steps."""
-        steps = torch.cat([self.image_step(image_embeds), self.embed_tokens(input_ids)], dim=1)  # (B, 1+T, E)
+    def attend(self, hidden: torch.Tensor, memory):
+        """LSTM outputs (N, T, H) -> what the output head reads (N, T, H), and weights (N, T, P) or None."""
+        if memory is None:
+            return hidden, None
+        return self.attention(hidden, *memory)
+
+    def forward(self, image_embeds: torch.Tensor, input_ids: torch.Tensor):
+        """Teacher forcing: image feature, (B, T) ids -> outputs (B, T, H) at the token steps, and the
+        attention weights (B, T, P) (None without patches)."""
+        first_step, memory = self.encode(image_embeds)
+        steps = torch.cat([first_step, self.embed_tokens(input_ids)], dim=1)  # (B, 1+T, E)
         hidden, _ = self.lstm(self.dropout(steps))
-        return hidden[:, 1:]  # the image step's own output predicts nothing
+        return self.attend(hidden[:, 1:], memory)  # the image step's own output predicts nothing
 
-    def start(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the image step alone; returns the LSTM state (h, c), each (num_layers, B, H)."""
-        _, state = self.lstm(self.dropout(self.image_step(image_embeds)))
-        return state
+    def start(self, image_embeds: torch.Tensor):
+        """Run the image step alone; returns the LSTM state (h, c), each (num_layers, B, H), and the memory."""
+        first_step, memory = self.encode(image_embeds)
+        _, state = self.lstm(self.dropout(first_step))
+        return state, memory
 
-    def step(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        """One decoding step: (N,) token ids and state -> (N, V) logits and the new state."""
+    def step(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], memory=None):
+        """One decoding step: (N,) token ids, state, memory of N / G images -> (N, V) logits, the new
+        state, and the attention weights (N, P) (None without patches)."""
         hidden, state = self.lstm(self.dropout(self.embed_tokens(input_ids).unsqueeze(1)), state)
-        return self.lm_head(self.dropout(hidden[:, 0])), state
+        outputs, weights = self.attend(hidden, memory)
+        logits = self.lm_head(self.dropout(outputs[:, 0]))
+        return logits, state, None if weights is None else weights[:, 0]
+
+
+def _select_memory(memory, rows: torch.Tensor):
+    """The memory of a subset of the images (a bool mask or indices), or None."""
+    return None if memory is None else tuple(part[rows] for part in memory)
 
 
 # ----------------------------------------------------------------------------- input and output helpers
@@ -240,26 +304,27 @@ def _check_positional_arguments(pixel_values, generation_config) -> None:
 
 def _check_finite(image_embeds: torch.Tensor, name: str) -> None:
     """A NaN or inf feature would give a silent `[BOS, EOS]` caption scored NaN: refuse it, naming the rows."""
-    finite = torch.isfinite(image_embeds).all(dim=-1)
+    finite = torch.isfinite(image_embeds.flatten(1)).all(dim=-1)
     if not bool(finite.all()):
         rows = torch.nonzero(~finite).flatten().tolist()
         raise ValueError(f"generate(): {name} hold NaN or inf values (batch rows {rows[:10]})")
 
 
-def _empty_generation(gen: GenerationConfig, bos_token_id: int, device):
+def _empty_generation(gen: GenerationConfig, config: ClipLstmConfig, device):
     """What generate() returns for a batch of no images: no rows, BOS alone as the length."""
-    sequences = torch.full((0, 1), bos_token_id, dtype=torch.long, device=device)
+    sequences = torch.full((0, 1), config.bos_token_id, dtype=torch.long, device=device)
     if not gen.return_dict_in_generate:
         return sequences
     scores = torch.zeros(0, device=device) if gen.output_scores else None
-    return ClipLstmGenerateOutput(sequences=sequences, sequences_scores=scores)
+    attentions = torch.zeros(0, 1, config.num_image_tokens, device=device) if gen.output_attentions else None
+    return ClipLstmGenerateOutput(sequences=sequences, sequences_scores=scores, attentions=attentions)
 
 
-def _crop_trailing_padding(sequences: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Drop the columns after the longest caption (PAD is never generated, so they are all PAD)."""
+def _caption_columns(sequences: torch.Tensor, pad_token_id: int) -> int:
+    """How many columns hold tokens: those after the longest caption are all PAD (never generated)."""
     is_token = (sequences != pad_token_id).int()
     last_token = sequences.shape[1] - 1 - is_token.flip(1).argmax(1)  # (N,) index of each row's last token
-    return sequences[:, : int(last_token.max()) + 1]
+    return int(last_token.max()) + 1
 
 
 # ----------------------------------------------------------------------------- decoding helpers
@@ -365,7 +430,8 @@ class _BeamState:
     """Per-image beam-search bookkeeping, all tensors on the model's device.
 
     running_*: the K live hypotheses; pool_*: the K best finished ones (sorted, best first);
-    open_: (B, 1) whether a live beam may still beat the pool (transformers' early-stop heuristic).
+    open_: (B, 1) whether a live beam may still beat the pool (transformers' early-stop heuristic);
+    *_attentions: (B, K, L, P) each token's attention weights, kept only when they are asked for.
     """
 
     running_sequences: torch.Tensor  # (B, K, L)
@@ -374,16 +440,22 @@ class _BeamState:
     pool_scores: torch.Tensor  # (B, K) length-penalised
     pool_filled: torch.Tensor  # (B, K) bool
     open_: torch.Tensor  # (B, 1) bool
+    running_attentions: torch.Tensor | None = None  # (B, K, L, P)
+    pool_attentions: torch.Tensor | None = None  # (B, K, L, P)
 
     @classmethod
     def start(
-        cls, batch_size: int, num_beams: int, max_length: int, bos: int, pad: int, device
+        cls, batch_size: int, num_beams: int, max_length: int, bos: int, pad: int, device, num_tokens=None
     ) -> _BeamState:
-        """K beams per image holding BOS alone, an empty pool, every image open."""
+        """K beams per image holding BOS alone, an empty pool, every image open; with `num_tokens`
+        (P), room for the attention weights of every token."""
         sequences = torch.full((batch_size, num_beams, max_length), pad, dtype=torch.long, device=device)
         sequences[:, :, 0] = bos
         running_scores = torch.zeros(batch_size, num_beams, device=device)
         running_scores[:, 1:] = NEG_INF_SCORE  # only beam 0 expands at first, so beams start distinct
+        attentions = None
+        if num_tokens is not None:
+            attentions = torch.zeros(batch_size, num_beams, max_length, num_tokens, device=device)
         return cls(
             running_sequences=sequences,
             running_scores=running_scores,
@@ -391,22 +463,27 @@ class _BeamState:
             pool_scores=torch.full((batch_size, num_beams), NEG_INF_SCORE, device=device),
             pool_filled=torch.zeros(batch_size, num_beams, dtype=torch.bool, device=device),
             open_=torch.ones(batch_size, 1, dtype=torch.bool, device=device),
+            running_attentions=attentions,
+            pool_attentions=None if attentions is None else attentions.clone(),
         )
 
     def select(self, rows: torch.Tensor) -> _BeamState:
         """The same bookkeeping for a subset of the images (a bool mask or indices over B)."""
-        return _BeamState(*(getattr(self, field.name)[rows] for field in dataclasses.fields(self)))
+        values = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return _BeamState(*(None if value is None else value[rows] for value in values))
 
-    def advance_running(self, scores, sequences, parents, ends) -> torch.Tensor:
+    def advance_running(self, scores, sequences, parents, ends, attentions=None) -> torch.Tensor:
         """Keep the K best candidates that did not end; returns their parent beam (B, K)."""
         num_beams = self.running_scores.shape[1]
         alive_scores = scores + ends.to(scores.dtype) * NEG_INF_SCORE
         keep = torch.topk(alive_scores, num_beams, dim=-1).indices
         self.running_sequences = _take(sequences, keep)
         self.running_scores = _take(alive_scores, keep)
+        if attentions is not None:
+            self.running_attentions = _take(attentions, keep)
         return _take(parents, keep)
 
-    def update_pool(self, scores, sequences, ends, num_generated: int, gen) -> None:
+    def update_pool(self, scores, sequences, ends, num_generated: int, gen, attentions=None) -> None:
         """Merge the candidates that just ended into the pool of K finished hypotheses.
 
         Only candidates ranked in the first K of the 2K may finish; none are added once the pool is
@@ -425,6 +502,8 @@ class _BeamState:
         best = torch.topk(merged_scores, num_beams, dim=-1).indices
         self.pool_sequences = _take(torch.cat([self.pool_sequences, sequences], dim=1), best)
         self.pool_scores = _take(merged_scores, best)
+        if attentions is not None:
+            self.pool_attentions = _take(torch.cat([self.pool_attentions, attentions], dim=1), best)
         self.pool_filled = _take(torch.cat([self.pool_filled, finishing], dim=1), best)
 
     def update_open(self, length: int, max_length: int, gen) -> None:
@@ -493,6 +572,7 @@ class _LstmStateCache:
 
     def __init__(self):
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c), each (num_layers, N, H)
+        self.memory = None  # what a patches decoder attends over: the same for every beam of an image
         self.seen = 0  # tokens already folded into the state
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -500,6 +580,11 @@ class _LstmStateCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.state = tuple(s.index_select(1, beam_idx.to(s.device)) for s in self.state)
+
+
+def _as_layers(weights: torch.Tensor | None):
+    """(N, T, P) weights as transformers' per-layer attentions: a 1-tuple of (N, heads=1, T, P)."""
+    return None if weights is None else (weights[:, None],)
 
 
 class _TransformersSearch(ClipLstmPreTrainedModel, GenerationMixin):
@@ -516,15 +601,20 @@ class _TransformersSearch(ClipLstmPreTrainedModel, GenerationMixin):
         """(N, T) ids -> (N, T', V) logits: the new tokens with a cache, the whole prefix without one."""
         decoder = self.captioner.decoder
         if cache is None:  # use_cache=False: re-run the LSTM over the image and the whole prefix
-            return CausalLMOutputWithPast(logits=decoder.lm_head(decoder(image_embeds, input_ids)))
+            outputs, weights = decoder(image_embeds, input_ids)
+            return CausalLMOutputWithPast(logits=decoder.lm_head(outputs), attentions=_as_layers(weights))
         if cache.state is None:
-            cache.state = decoder.start(image_embeds)
-        logits = []
+            cache.state, cache.memory = decoder.start(image_embeds)
+        logits, weights = [], []
         for token in input_ids[:, cache.seen :].unbind(1):
-            step_logits, cache.state = decoder.step(token, cache.state)
+            step_logits, cache.state, step_weights = decoder.step(token, cache.state, cache.memory)
             logits.append(step_logits)
+            weights.append(step_weights)
         cache.seen = input_ids.shape[1]
-        return CausalLMOutputWithPast(logits=torch.stack(logits, dim=1), cache=cache)
+        weights = None if weights[0] is None else torch.stack(weights, dim=1)
+        return CausalLMOutputWithPast(
+            logits=torch.stack(logits, dim=1), cache=cache, attentions=_as_layers(weights)
+        )
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, image_embeds=None, **kwargs):
         return {"input_ids": input_ids, "image_embeds": image_embeds, "cache": cache}
@@ -607,8 +697,8 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         """Set the decoder's feature standardisation from (N, D) raw training features.
 
         Call once before training (train_accelerate.py does); the statistics are buffers saved
-        with the weights, so a checkpoint alone reproduces the model. Rows with NaN/inf (a broken
-        feature) are left out; with a single row there is no spread to measure, so the features are
+        with the weights, so a checkpoint alone reproduces the model. (N, P, D) patch features are
+        measured over all their tokens. Rows with NaN/inf (a broken feature) are left out; with a single row there is no spread to measure, so the features are
         only centred (std 1), not divided by a NaN. No finite row at all is a ValueError.
 
         Example:
@@ -628,9 +718,12 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         decoder.image_embeds_std.fill_(1.0)
         device = decoder.image_embeds_mean.device
 
+        tokens = image_embeds[0].numel() // image_embeds.shape[-1] if len(image_embeds) else 1
+
         def finite_rows():  # (n, D) float64 chunks without the rows that hold NaN or inf
-            for chunk in image_embeds.split(16384):
+            for chunk in image_embeds.split(max(1, 16384 // tokens)):
                 features = decoder.prepare_image_embeds(chunk.to(device)).double()
+                features = features.reshape(-1, features.shape[-1])  # tokens of (B, P, D) patches as rows
                 yield features[features.isfinite().all(dim=1)]
 
         # Two passes over chunks of rows, summed in float64: `image_embeds` may be a memory-mapped
@@ -653,15 +746,16 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
 
     @torch.no_grad()
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels -> (B, D) raw CLIP feature (pooled CLS or projected), float32.
+        """(B, 3, H, W) pixels -> raw CLIP feature, float32: (B, D) pooled CLS or projected, or (B, P, D)
+        final tokens with `image_feature="patches"`.
 
         Runs in bfloat16 autocast on CUDA (the tower is frozen; its features are only an input).
         """
         pixel_values = pixel_values.to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixel_values.is_cuda):
             outputs = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype))
-        features = outputs.image_embeds if self.config.image_feature == "projected" else outputs.pooler_output
-        return features.float()
+        name = {"pooled": "pooler_output", "projected": "image_embeds", "patches": "last_hidden_state"}
+        return getattr(outputs, name[self.config.image_feature]).float()
 
     def _image_features(self, pixel_values, image_embeds) -> torch.Tensor:
         if (pixel_values is None) == (image_embeds is None):
@@ -675,10 +769,11 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
                     "pass cached CLIP features as image_embeds="
                 )
             return self.get_image_features(pixel_values)
-        expected = self.config.image_feature_dim
-        if image_embeds.dim() != 2 or image_embeds.shape[1] != expected:
+        expected = self.config.image_feature_shape
+        if tuple(image_embeds.shape[1:]) != expected:
+            shape = ", ".join(map(str, ("batch", *expected)))
             raise ValueError(
-                f"image_embeds must be (batch, {expected}) for image_feature={self.config.image_feature!r}, "
+                f"image_embeds must be ({shape}) for image_feature={self.config.image_feature!r}, "
                 f"got {tuple(image_embeds.shape)}"
             )
         return image_embeds.to(self.device)
@@ -691,17 +786,20 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         attention_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         return_logits: bool = True,
+        output_attentions: bool = False,
     ) -> ClipLstmOutput:
         r"""Teacher-forced captioning loss and next-token logits.
 
         Args:
             pixel_values: (B, 3, H, W) images; CLIP runs on them. Or give `image_embeds`.
-            image_embeds: (B, D) raw CLIP features as CLIP returns them (e.g. from the embedding cache).
+            image_embeds: (B, D), or (B, P, D) with `image_feature="patches"`, raw CLIP features as CLIP
+                returns them (e.g. from the embedding cache).
             input_ids: (B, T) `BOS w1 .. wn EOS PAD ...`, right-padded.
             attention_mask: (B, T) 1 for tokens, 0 for padding; the batch is cut to its longest caption.
             labels: (B, T) aligned with `input_ids` (usually a copy with padding set to -100); shifted
                 inside the model, so EOS is a target and padding is not.
             return_logits: `False` skips the (B, T, V) logits and scores only target positions (training).
+            output_attentions: return the (B, T, P) attention weights of a patches model.
 
         Example:
             >>> vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # a tiny CLIP tower
@@ -721,12 +819,13 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             raise ValueError("forward needs input_ids (BOS w1 .. wn EOS); use generate() to write captions")
         image_embeds = self._image_features(pixel_values, image_embeds)
         input_ids, attention_mask, labels = _trim_padding(input_ids, attention_mask, labels)
-        hidden = self.decoder(image_embeds, input_ids.to(self.device))  # (B, T, H)
+        hidden, weights = self.decoder(image_embeds, input_ids.to(self.device))  # (B, T, H), (B, T, P)
         logits = self.decoder.lm_head(self.decoder.dropout(hidden)) if return_logits else None
         loss = None
         if labels is not None:
             loss = self._caption_loss(hidden, logits, labels.to(self.device))
-        return ClipLstmOutput(loss=loss, logits=logits, image_embeds=image_embeds)
+        attentions = weights if output_attentions else None
+        return ClipLstmOutput(loss=loss, logits=logits, image_embeds=image_embeds, attentions=attentions)
 
     def _caption_loss(
         self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor
@@ -805,9 +904,11 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         transformers' algorithm), sampling (`do_sample=True`, `temperature`, `top_k`, `top_p`) and beam
         sampling, with `max_new_tokens`/`max_length`, `min_new_tokens`, `length_penalty`,
         `early_stopping` (True, False or "never"), `no_repeat_ngram_size`, `num_return_sequences`,
-        `suppress_tokens`, `return_dict_in_generate` and `output_scores`. It returns `sequences`
-        (B * num_return_sequences, L) as `[BOS, w1 .. wn, EOS, PAD ...]`, or a [`ClipLstmGenerateOutput`]
-        with `sequences_scores` (sum of log-probs / length ** length_penalty). PAD and BOS are never generated.
+        `suppress_tokens`, `return_dict_in_generate`, `output_scores` and `output_attentions`. It returns
+        `sequences` (B * num_return_sequences, L) as `[BOS, w1 .. wn, EOS, PAD ...]`, or a
+        [`ClipLstmGenerateOutput`] with `sequences_scores` (sum of log-probs / length ** length_penalty)
+        and, for a patches model, `attentions` (B * num_return_sequences, L, P): the weights over the
+        image's tokens with which each token was written. PAD and BOS are never generated.
 
         Any other option (`streamer`, `repetition_penalty`, `min_length`, other `eos_token_id` or
         `pad_token_id`, `use_cache=False`, `logits_processor`, `stopping_criteria`, `output_logits`, ...)
@@ -840,20 +941,28 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         gen = self._generation_settings(generation_config, kwargs)
         image_embeds = self._image_features(pixel_values, image_embeds)
         _check_finite(image_embeds, "image_embeds" if pixel_values is None else "pixel_values")
+        if gen.output_attentions and self.config.image_feature != "patches":
+            raise ValueError(
+                f"generate(): output_attentions needs a model that attends (image_feature='patches'); this "
+                f"one reads one {self.config.image_feature!r} vector per image"
+            )
         if len(image_embeds) == 0:
-            return _empty_generation(gen, self.config.bos_token_id, image_embeds.device)
+            return _empty_generation(gen, self.config, image_embeds.device)
         if extras or self._transformers_only_settings(gen):
             return self._generate_with_transformers(image_embeds, gen, extras)
         rows = len(image_embeds) * max(gen.num_beams, gen.num_return_sequences)
         with _lstm_kernels_for(rows, image_embeds.device):
             if gen.num_beams > 1:
-                sequences, scores = self._beam_search(image_embeds, gen)
+                sequences, scores, attentions = self._beam_search(image_embeds, gen)
             else:
-                sequences, scores = self._greedy_or_sample(image_embeds, gen)
-        sequences = _crop_trailing_padding(sequences, self.config.pad_token_id)
+                sequences, scores, attentions = self._greedy_or_sample(image_embeds, gen)
+        columns = _caption_columns(sequences, self.config.pad_token_id)
+        sequences = sequences[:, :columns]
         if gen.return_dict_in_generate:
             return ClipLstmGenerateOutput(
-                sequences=sequences, sequences_scores=scores if gen.output_scores else None
+                sequences=sequences,
+                sequences_scores=scores if gen.output_scores else None,
+                attentions=None if attentions is None else attentions[:, :columns],
             )
         return sequences
 
@@ -899,10 +1008,15 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
         )
         sequences[:, 0] = config.bos_token_id
         scores = torch.zeros(batch, device=device)
+        attentions = live_attentions = None
+        if gen.output_attentions:  # (N, L, P): row t holds the weights that wrote token t
+            attentions = torch.zeros(*sequences.shape, config.num_image_tokens, device=device)
+            live_attentions = attentions.clone()
         rows = torch.arange(batch, device=device)  # the captions still being written
-        live, total, state = sequences.clone(), scores.clone(), self.decoder.start(image_embeds)
+        live, total = sequences.clone(), scores.clone()
+        state, memory = self.decoder.start(image_embeds)  # one row per caption: memory is per row
         for step in range(gen.max_new_tokens):
-            logits, state = self.decoder.step(live[:, step], state)
+            logits, state, weights = self.decoder.step(live[:, step], state, memory)
             masked, normaliser = self._next_token_scores(logits, live[:, : step + 1], step, gen)
             if gen.do_sample:
                 warped = _warp_for_sampling(masked - normaliser, gen.temperature, gen.top_k, gen.top_p)
@@ -911,32 +1025,41 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
                 tokens = masked.argmax(-1)
             total += (masked.gather(1, tokens[:, None]) - normaliser).squeeze(1)  # the token's log-prob
             live[:, step + 1] = tokens
+            if attentions is not None:
+                live_attentions[:, step + 1] = weights
             ended = (tokens == config.eos_token_id) | (step + 1 == gen.max_new_tokens)
             if ended.any():  # one host sync per step, none per image or candidate
                 sequences[rows[ended]] = live[ended]
                 scores[rows[ended]] = total[ended] / (step + 1) ** gen.length_penalty
+                if attentions is not None:
+                    attentions[rows[ended]] = live_attentions[ended]
                 keep = ~ended
                 if not keep.any():
                     break
                 rows, live, total = rows[keep], live[keep], total[keep]
-                state = tuple(s[:, keep] for s in state)
-        return sequences, scores
+                state, memory = tuple(s[:, keep] for s in state), _select_memory(memory, keep)
+                if attentions is not None:
+                    live_attentions = live_attentions[keep]
+        return sequences, scores, attentions
 
     def _beam_search(self, image_embeds: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' beam search (2K candidates, a pool of K finished), batched over images."""
         config = self.config
         batch, num_beams, vocab = image_embeds.shape[0], gen.num_beams, config.vocab_size
         max_length = gen.max_new_tokens + 1
+        num_tokens = config.num_image_tokens if gen.output_attentions else None
         beams = _BeamState.start(
-            batch, num_beams, max_length, config.bos_token_id, config.pad_token_id, self.device
+            batch, num_beams, max_length, config.bos_token_id, config.pad_token_id, self.device, num_tokens
         )
-        state = self.decoder.start(image_embeds.repeat_interleave(num_beams, dim=0))
+        state, memory = self.decoder.start(image_embeds)  # memory: once per image, shared by its beams
+        state = tuple(s.repeat_interleave(num_beams, dim=1) for s in state)
         pool_sequences, pool_scores = beams.pool_sequences.clone(), beams.pool_scores.clone()  # results
+        pool_attentions = None if num_tokens is None else beams.pool_attentions.clone()
         rows = torch.arange(batch, device=self.device)  # the images still searching
         for length in range(1, max_length):  # `length` tokens so far (BOS included)
             batch = len(rows)
             flat_sequences = beams.running_sequences[:, :, :length].reshape(batch * num_beams, length)
-            logits, state = self.decoder.step(flat_sequences[:, -1], state)
+            logits, state, weights = self.decoder.step(flat_sequences[:, -1], state, memory)
             masked, normaliser = self._next_token_scores(logits, flat_sequences, length - 1, gen)
             if gen.do_sample:
                 log_probs = _warp_for_sampling(masked - normaliser, gen.temperature, gen.top_k, gen.top_p)
@@ -949,9 +1072,13 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
                 )
             candidates = _take(beams.running_sequences, parents)
             candidates[:, :, length] = tokens
+            candidate_attentions = None
+            if num_tokens is not None:  # each candidate: its parent's weights, then this step's
+                candidate_attentions = _take(beams.running_attentions, parents)
+                candidate_attentions[:, :, length] = _take(weights.view(batch, num_beams, -1), parents)
             ends = (tokens == config.eos_token_id) | (length + 1 >= max_length)
-            kept_parents = beams.advance_running(scores, candidates, parents, ends)
-            beams.update_pool(scores, candidates, ends, length, gen)
+            kept_parents = beams.advance_running(scores, candidates, parents, ends, candidate_attentions)
+            beams.update_pool(scores, candidates, ends, length, gen, candidate_attentions)
             beam_offset = torch.arange(batch, device=self.device)[:, None] * num_beams
             state = tuple(s.index_select(1, (kept_parents + beam_offset).view(-1)) for s in state)
             beams.update_open(length + 1, max_length, gen)
@@ -960,13 +1087,16 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             if settled.any():  # one host sync per step, none per image or candidate
                 pool_sequences[rows[settled]] = beams.pool_sequences[settled]
                 pool_scores[rows[settled]] = beams.pool_scores[settled]
+                if num_tokens is not None:
+                    pool_attentions[rows[settled]] = beams.pool_attentions[settled]
                 keep = ~settled
                 if not keep.any():
                     break
-                rows, beams = rows[keep], beams.select(keep)
+                rows, beams, memory = rows[keep], beams.select(keep), _select_memory(memory, keep)
                 state = tuple(s.view(s.shape[0], batch, num_beams, -1)[:, keep].flatten(1, 2) for s in state)
         count = gen.num_return_sequences
-        return pool_sequences[:, :count].flatten(0, 1), pool_scores[:, :count].flatten()
+        attentions = None if num_tokens is None else pool_attentions[:, :count].flatten(0, 1)
+        return pool_sequences[:, :count].flatten(0, 1), pool_scores[:, :count].flatten(), attentions
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -17,6 +17,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from configuration_clip_lstm import ClipLstmConfig
 
+FEATURES = ["pooled", "patches"]  # one vector per image, or attention over its tokens
+
 
 def strip(sequence: torch.Tensor) -> list[int]:
     """Token ids up to and including the first EOS (what a caption is)."""
@@ -53,9 +55,10 @@ def assert_well_formed(sequences: torch.Tensor):
 # ----------------------------------------------------------------------------- greedy
 
 
-def test_greedy_is_step_by_step_argmax_of_teacher_forced_logits():
-    model = peaked_model(seed=1)
-    feats = image_embeds(6, seed=1)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_greedy_is_step_by_step_argmax_of_teacher_forced_logits(feature):
+    model = peaked_model(seed=1, image_feature=feature)
+    feats = image_embeds(6, seed=1, feature=feature)
     sequences = model.generate(image_embeds=feats, num_beams=1, max_new_tokens=8)
     assert_well_formed(sequences)
     for i in range(6):
@@ -78,10 +81,13 @@ def test_num_beams_one_is_greedy_and_the_saved_default_is_used():
     assert torch.equal(model.generate(image_embeds=feats), model.generate(image_embeds=feats, num_beams=3))
 
 
-def test_some_captions_end_early_and_some_run_to_the_limit():
+@pytest.mark.parametrize("feature", FEATURES)
+def test_some_captions_end_early_and_some_run_to_the_limit(feature):
     # the fixture must exercise both paths for the other tests to mean anything
-    model = peaked_model(seed=0)
-    sequences = model.generate(image_embeds=image_embeds(16, seed=0), num_beams=3, max_new_tokens=6)
+    model = peaked_model(seed=0, image_feature=feature)
+    sequences = model.generate(
+        image_embeds=image_embeds(16, seed=0, feature=feature), num_beams=3, max_new_tokens=6
+    )
     ended = [EOS in row[1:-1] for row in sequences.tolist()]
     assert any(ended) and not all(ended)
 
@@ -99,13 +105,14 @@ def all_captions(vocab_size: int, max_new_tokens: int) -> list[list[int]]:
     return captions
 
 
+@pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0, -0.5])
 @pytest.mark.parametrize("early_stopping", [False, "never"])
-def test_wide_beam_equals_exhaustive_search(length_penalty, early_stopping):
-    model = peaked_model(seed=3, vocab_size=6)
+def test_wide_beam_equals_exhaustive_search(length_penalty, early_stopping, feature):
+    model = peaked_model(seed=3, vocab_size=6, image_feature=feature)
     captions = all_captions(6, 3)  # 1 + 3 + 9 + 27 = 40 captions
     assert len(captions) == 40
-    feats = image_embeds(3, seed=3)
+    feats = image_embeds(3, seed=3, feature=feature)
     out = model.generate(
         image_embeds=feats,
         num_beams=len(captions),
@@ -130,6 +137,7 @@ def test_wide_beam_equals_exhaustive_search(length_penalty, early_stopping):
         )
 
 
+@pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize(
     "settings",
     [
@@ -140,9 +148,9 @@ def test_wide_beam_equals_exhaustive_search(length_penalty, early_stopping):
         dict(num_beams=1, length_penalty=1.3),
     ],
 )
-def test_sequences_scores_are_teacher_forced_log_probs_over_length_penalty(settings):
-    model = peaked_model(seed=4)
-    feats = image_embeds(4, seed=4)
+def test_sequences_scores_are_teacher_forced_log_probs_over_length_penalty(settings, feature):
+    model = peaked_model(seed=4, image_feature=feature)
+    feats = image_embeds(4, seed=4, feature=feature)
     out = model.generate(
         image_embeds=feats, max_new_tokens=7, return_dict_in_generate=True, output_scores=True, **settings
     )
@@ -155,10 +163,11 @@ def test_sequences_scores_are_teacher_forced_log_probs_over_length_penalty(setti
         assert abs(float(score) - expected) < 1e-5
 
 
+@pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_a_caption_does_not_depend_on_the_rest_of_the_batch(num_beams):
-    model = peaked_model(seed=5)
-    feats = image_embeds(8, seed=5)
+def test_a_caption_does_not_depend_on_the_rest_of_the_batch(num_beams, feature):
+    model = peaked_model(seed=5, image_feature=feature)
+    feats = image_embeds(8, seed=5, feature=feature)
     batch = model.generate(
         image_embeds=feats,
         num_beams=num_beams,
@@ -178,8 +187,9 @@ def test_a_caption_does_not_depend_on_the_rest_of_the_batch(num_beams):
         assert abs(float(alone.sequences_scores[0]) - float(batch.sequences_scores[i])) < 1e-5
 
 
-def test_pixel_values_and_image_embeds_give_the_same_captions():
-    model = peaked_model(seed=6)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_pixel_values_and_image_embeds_give_the_same_captions(feature):
+    model = peaked_model(seed=6, image_feature=feature)
     pixels = torch.randn(3, 3, 32, 32)
     feats = model.get_image_features(pixels)
     assert torch.equal(
@@ -240,6 +250,7 @@ def count_decoder_steps(model):
     return counter
 
 
+@pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize(
     "eos_bias, settings",
     [
@@ -256,9 +267,9 @@ def count_decoder_steps(model):
         (2.5, dict(num_beams=5, length_penalty=1.0, early_stopping=True, num_return_sequences=5)),
     ],
 )
-def test_beam_search_matches_transformers_generation_mixin(eos_bias, settings):
-    model = peaked_model(seed=7, vocab_size=30, eos_bias=eos_bias)
-    feats = image_embeds(6, seed=7)
+def test_beam_search_matches_transformers_generation_mixin(eos_bias, settings, feature):
+    model = peaked_model(seed=7, vocab_size=30, eos_bias=eos_bias, image_feature=feature)
+    feats = image_embeds(6, seed=7, feature=feature)
     expected, hf_calls = transformers_beam_search(model, feats, max_new_tokens=12, **settings)
     counter = count_decoder_steps(model)
     ours = model.generate(
@@ -458,6 +469,7 @@ NEUTRAL_FALLBACKS = {  # options only transformers' search takes, which do not c
 }
 
 
+@pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("route", sorted(NEUTRAL_FALLBACKS))
 @pytest.mark.parametrize(
     "settings",
@@ -469,9 +481,9 @@ NEUTRAL_FALLBACKS = {  # options only transformers' search takes, which do not c
         dict(num_beams=1, suppress_tokens=[4, 5]),
     ],
 )
-def test_fast_path_and_transformers_fallback_agree(route, settings):
-    model = peaked_model(seed=7, vocab_size=30, eos_bias=1.5)
-    feats = image_embeds(6, seed=7)
+def test_fast_path_and_transformers_fallback_agree(route, settings, feature):
+    model = peaked_model(seed=7, vocab_size=30, eos_bias=1.5, image_feature=feature)
+    feats = image_embeds(6, seed=7, feature=feature)
     common = dict(image_embeds=feats, max_new_tokens=10, return_dict_in_generate=True, output_scores=True)
     fast = model.generate(**common, **settings)
     fallback = model.generate(**common, **settings, **NEUTRAL_FALLBACKS[route])
@@ -530,3 +542,91 @@ def test_per_step_scores_come_with_output_logits():
     )
     steps = out.sequences.shape[1] - 1
     assert len(out.scores) == len(out.logits) == steps and out.logits[0].shape == (2, 12)
+
+
+# ----------------------------------------------------------------------------- attention weights
+
+
+def assert_attentions_are_teacher_forced(model, feats, out, per_image: int):
+    """Each returned token's weights are the ones teacher forcing computes for that token; BOS and
+    the padding after EOS have none (zeros); the weights over an image's tokens sum to 1."""
+    rows, length = out.sequences.shape
+    assert out.attentions.shape == (rows, length, model.config.num_image_tokens)
+    for row, sequence in enumerate(out.sequences):
+        caption = strip(sequence)
+        forced = model(
+            image_embeds=feats[row // per_image][None],
+            input_ids=torch.tensor([caption]),
+            output_attentions=True,
+        ).attentions[0]  # (T, P): position t writes token t + 1
+        written = out.attentions[row, 1 : len(caption)]
+        torch.testing.assert_close(written, forced[: len(caption) - 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(written.sum(-1), torch.ones(len(caption) - 1))
+        assert not out.attentions[row, 0].any() and not out.attentions[row, len(caption) :].any()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=1),
+        dict(num_beams=4),
+        dict(num_beams=3, num_return_sequences=3, length_penalty=0.5),
+        dict(num_beams=5, early_stopping=True, num_return_sequences=2),
+        dict(num_beams=1, do_sample=True, num_return_sequences=3),
+        dict(num_beams=3, do_sample=True, num_return_sequences=2),
+    ],
+)
+def test_attentions_of_returned_tokens_are_the_teacher_forced_ones(settings):
+    torch.manual_seed(0)
+    model = peaked_model(seed=14, image_feature="patches", eos_bias=1.5)
+    feats = image_embeds(5, seed=14, feature="patches")
+    out = model.generate(
+        image_embeds=feats, max_new_tokens=9, return_dict_in_generate=True, output_attentions=True, **settings
+    )
+    assert_well_formed(out.sequences)
+    assert_attentions_are_teacher_forced(model, feats, out, settings.get("num_return_sequences", 1))
+    # the weights depend on the image and the step: the test would pass vacuously on uniform attention
+    assert out.attentions[:, 1:].amax() > 0.5
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_attentions_do_not_depend_on_the_rest_of_the_batch(num_beams):
+    model = peaked_model(seed=15, image_feature="patches")
+    feats = image_embeds(6, seed=15, feature="patches")
+    common = dict(num_beams=num_beams, max_new_tokens=8, return_dict_in_generate=True, output_attentions=True)
+    batch = model.generate(image_embeds=feats, **common)
+    for i in range(6):
+        alone = model.generate(image_embeds=feats[i : i + 1], **common)
+        length = alone.sequences.shape[1]
+        torch.testing.assert_close(alone.attentions[0], batch.attentions[i, :length], atol=1e-6, rtol=1e-5)
+        assert not batch.attentions[i, length:].any()
+
+
+def test_transformers_fallback_returns_the_same_attentions_per_step():
+    model = peaked_model(seed=16, image_feature="patches")
+    feats = image_embeds(3, seed=16, feature="patches")
+    common = dict(image_embeds=feats, max_new_tokens=6, return_dict_in_generate=True, output_attentions=True)
+    fast = model.generate(**common, num_beams=1)
+    fallback = model.generate(**common, num_beams=1, logits_processor=LogitsProcessorList())
+    assert torch.equal(fallback.sequences, fast.sequences)
+    # transformers: one tuple per step, one (B, heads, new tokens, P) tensor per layer
+    steps = torch.cat([layers[0][:, 0, -1:] for layers in fallback.attentions], dim=1)  # (B, L-1, P)
+    written = fast.sequences[:, 1:] != PAD
+    torch.testing.assert_close(steps[written], fast.attentions[:, 1:][written], atol=1e-6, rtol=1e-5)
+
+
+def test_output_attentions_needs_a_patches_model():
+    with pytest.raises(ValueError, match="output_attentions needs a model that attends"):
+        peaked_model().generate(
+            image_embeds=image_embeds(2), output_attentions=True, return_dict_in_generate=True
+        )
+    empty = peaked_model(image_feature="patches").generate(
+        image_embeds=image_embeds(0, feature="patches"), output_attentions=True, return_dict_in_generate=True
+    )
+    assert empty.attentions.shape == (0, 1, 17)
+
+
+def test_patches_image_embeds_of_the_wrong_shape_are_refused():
+    model = peaked_model(image_feature="patches")
+    with pytest.raises(ValueError, match=r"image_embeds must be \(batch, 17, 32\)"):
+        model.generate(image_embeds=image_embeds(2))  # a pooled (B, D) feature

@@ -54,7 +54,7 @@ def test_pad_equal_to_eos_is_rejected():
 @pytest.mark.parametrize(
     "overrides, named",
     [
-        (dict(image_feature="patches"), "image_feature"),
+        (dict(image_feature="tokens"), "image_feature"),
         (dict(hidden_size=0), "hidden_size"),
         (dict(num_layers=-1), "num_layers"),
         (dict(dropout=1.5), "dropout"),

@@ -93,11 +93,19 @@ def peaked_model(seed: int = 0, scale: float = 6.0, eos_bias: float = 2.0, **ove
         fill(decoder.lm_head.weight, scale / decoder.lm_head.in_features**0.5)
         fill(decoder.lm_head.bias, 0.5)
         decoder.lm_head.bias[model.config.eos_token_id] += eos_bias
+        if decoder.attention is not None:  # peaked attention too, so that where it looks matters
+            for param in decoder.attention.parameters():
+                fill(param, 3.0 / param.shape[-1] ** 0.5)
     return model
 
 
-def image_embeds(batch: int, dim: int = TINY_VISION["hidden_size"], seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed))
+def image_embeds(
+    batch: int, dim: int = TINY_VISION["hidden_size"], seed: int = 0, feature: str = "pooled"
+) -> torch.Tensor:
+    """Random raw CLIP features: (batch, dim), or (batch, tokens, dim) for `feature="patches"`."""
+    tokens = 1 + (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2
+    shape = (batch, tokens, dim) if feature == "patches" else (batch, dim)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_tokenizer():
