@@ -86,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip_vit", action="store_true", help="skip the pixel_values / ViT-B/32 latency section"
     )
     parser.add_argument(
+        "--skip_patches",
+        action="store_true",
+        help="skip the attention decoder over ViT-B/32-shaped patch tokens (50 x 768)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="fast run: 50 images, 2 reference images, vocab 8000, no ViT"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights and inputs")
@@ -215,8 +220,10 @@ def make_captions_end(model, eos_bias: float, seed: int = 1) -> None:
     decoder.lm_head.bias[model.config.eos_token_id] += eos_bias
 
 
-def random_image_embeds(count: int, device, seed: int) -> torch.Tensor:
-    return torch.randn(count, IMAGE_EMBED_DIM, generator=torch.Generator().manual_seed(seed)).to(device)
+def random_image_embeds(count: int, device, seed: int, tokens: int | None = None) -> torch.Tensor:
+    """(count, 768) pooled features, or (count, tokens, 768) patch tokens."""
+    shape = (count, IMAGE_EMBED_DIM) if tokens is None else (count, tokens, IMAGE_EMBED_DIM)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def mean_generated_tokens(sequences: torch.Tensor, pad_token_id: int) -> float:
@@ -240,12 +247,13 @@ def reference_beam_search(model, image_embed: torch.Tensor, num_beams: int, max_
     """
     config = model.config
     banned = [config.pad_token_id, config.bos_token_id]
-    live = [([config.bos_token_id], 0.0, model.decoder.start(image_embed[None]))]  # (tokens, score, state)
+    state, _ = model.decoder.start(image_embed[None])  # a pooled decoder: no memory to attend over
+    live = [([config.bos_token_id], 0.0, state)]  # (tokens, score, state)
     finished = []
     for _ in range(max_new_tokens):
         proposals = []
         for tokens, score, state in live:
-            logits, next_state = model.decoder.step(
+            logits, next_state, _ = model.decoder.step(
                 torch.tensor([tokens[-1]], device=image_embed.device), state
             )
             log_probs = F.log_softmax(logits[0].float(), dim=-1)
@@ -463,6 +471,33 @@ def gpu_time_target(results: dict, vocab_size: int) -> dict:
     }
 
 
+def bench_patches(vocab_size: int, args, device, dtype) -> dict:
+    """The attention decoder over ViT-B/32's 50 x 768 tokens: greedy and beam 5 at batch N, and beam 5
+    with the attention weights returned; compare with the same vocabulary's `image_embeds` figures."""
+    model = build_model(vocab_size, device, dtype, num_layers=args.num_layers, image_feature="patches")
+    embeds = random_image_embeds(args.num_images, device, args.seed, tokens=model.config.num_image_tokens)
+    out, n = {"image_tokens": model.config.num_image_tokens}, len(embeds)
+    for name, beams in (("greedy", 1), (f"beam{NUM_BEAMS}", NUM_BEAMS)):
+        log(f"patches, vocab {vocab_size}: {name}, batch {n}")
+        rate, seconds, tokens, _ = bench_case(model, embeds, beams, args, device, 1)
+        out[f"{name}_batch{n}_captions_per_s"] = rate
+        out[f"{name}_batch{n}_s_per_batch"] = seconds
+        out[f"{name}_batch{n}_mean_generated_tokens"] = tokens
+    log(f"patches, vocab {vocab_size}: beam {NUM_BEAMS} with output_attentions, batch {n}")
+    seconds, _ = timed(
+        lambda: model.generate(
+            image_embeds=embeds,
+            num_beams=NUM_BEAMS,
+            max_new_tokens=args.max_new_tokens,
+            return_dict_in_generate=True,
+            output_attentions=True,
+        ),
+        device,
+    )
+    out[f"beam{NUM_BEAMS}_batch{n}_with_attentions_s_per_batch"] = seconds
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -505,6 +540,11 @@ def main(argv=None) -> dict:
         if args.quick
         else with_others_share(bench_original_reference, args, device, dtype),
         "vit_b32_pixel_values": None if args.skip_vit else with_others_share(bench_vit, args, device, dtype),
+        "patch_tokens": None
+        if args.skip_patches
+        else {
+            f"vocab_{v}": with_others_share(bench_patches, v, args, device, dtype) for v in args.vocab_sizes
+        },
     }
     if device.type == "cpu":
         results["device"]["others_cpu_share_during_run"] = others_cpu_share(ticks_at_start, cpu_ticks())

@@ -5,9 +5,11 @@
 
 Runs the training script's own step (`train_accelerate.training_step`: target positions only,
 bf16 autocast on CUDA) over synthetic data shaped like Flickr8k: 6,000 images with 5 captions
-each, 768-d pooled features, caption lengths drawn from 8-24 tokens (Flickr8k's are mostly
-10-16 words plus BOS/EOS). Reports seconds per epoch (after a warm-up epoch), the projected time
-for 50 epochs, and peak memory, for an ~8k caption vocabulary and CLIP's 49,409.
+each, caption lengths drawn from 8-24 tokens (Flickr8k's are mostly 10-16 words plus BOS/EOS),
+and ViT-B/32-shaped features: 768-d pooled vectors, and 50 x 768 patch tokens in float16 (as the
+embedding cache stores them) for the attention decoder. Reports seconds per epoch (after a
+warm-up epoch), the projected time for 50 epochs, and peak memory, for each image feature, an
+~8k caption vocabulary and CLIP's 49,409.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--num_images", type=int, default=6000, help="Images (5 captions each).")
     parser.add_argument("--vocab_sizes", default="8000,49409", help="Comma-separated vocabulary sizes.")
+    parser.add_argument(
+        "--image_features", default="pooled,patches", help="Comma-separated: pooled, patches."
+    )
     parser.add_argument("--embed_dim", type=int, default=512, help="Token embedding width.")
     parser.add_argument("--hidden_size", type=int, default=512, help="LSTM hidden size.")
     parser.add_argument("--num_layers", type=int, default=1, help="LSTM layers.")
@@ -57,15 +62,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def synthetic_pairs(num_images: int, vocab_size: int, seed: int = 0) -> CaptionPairs:
-    """5 captions per image, lengths 8-24 tokens (BOS .. EOS), random 768-d features."""
+def synthetic_pairs(num_images: int, vocab_size: int, seed: int = 0, patches: bool = False) -> CaptionPairs:
+    """5 captions per image, lengths 8-24 tokens (BOS .. EOS), random 768-d features (or 50 x 768
+    float16 patch tokens)."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, 25, (num_images * 5,), generator=generator)
     token_ids = [
         [1, *torch.randint(4, vocab_size, (n - 2,), generator=generator).tolist(), 2]
         for n in lengths.tolist()
     ]
-    image_embeds = torch.randn(num_images, 768, generator=generator)
+    if patches:
+        image_embeds = torch.randn(num_images, 50, 768, generator=generator).half()
+    else:
+        image_embeds = torch.randn(num_images, 768, generator=generator)
     image_index = torch.arange(num_images).repeat_interleave(5)
     return CaptionPairs(image_embeds, image_index, token_ids, pad_token_id=0)
 
@@ -76,7 +85,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # process peak RSS (KiB on Linux)
 
 
-def time_vocab(args, vocab_size: int) -> dict:
+def time_vocab(args, vocab_size: int, image_feature: str = "pooled") -> dict:
     mixed = args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     accelerator = Accelerator(mixed_precision=mixed)
     config = ClipLstmConfig(
@@ -87,9 +96,10 @@ def time_vocab(args, vocab_size: int) -> dict:
         embed_dim=args.embed_dim,
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
+        image_feature=image_feature,
     )
     model = ClipLstmForImageCaptioning(config)
-    pairs = synthetic_pairs(args.num_images, vocab_size)
+    pairs = synthetic_pairs(args.num_images, vocab_size, patches=image_feature == "patches")
     loader = caption_loader(pairs, args.batch_size, shuffle=True)
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
@@ -108,6 +118,7 @@ def time_vocab(args, vocab_size: int) -> dict:
             epoch_seconds.append(time.perf_counter() - start)
     per_epoch = sum(epoch_seconds) / len(epoch_seconds)
     return {
+        "image_feature": image_feature,
         "vocab_size": vocab_size,
         "captions": len(pairs),
         "steps_per_epoch": len(loader),
@@ -122,9 +133,13 @@ def time_vocab(args, vocab_size: int) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    results = [time_vocab(args, int(v)) for v in args.vocab_sizes.split(",")]
+    results = [
+        time_vocab(args, int(vocab), feature)
+        for feature in args.image_features.split(",")
+        for vocab in args.vocab_sizes.split(",")
+    ]
     on_gpu = torch.cuda.is_available()
-    small_vocab = min(results, key=lambda r: r["vocab_size"])
+    small_vocab = min(results, key=lambda r: (r["image_feature"] != "pooled", r["vocab_size"]))
     report = {
         "benchmark": "train_from_cached_embeddings",
         "device": device_info(torch.device("cuda" if on_gpu else "cpu")),

@@ -21,6 +21,7 @@ from tiny import coloured_image, peaked_captioner, run_fresh
 
 from clip_lstm_captioner.publishing import model_index, publish, save_for_hub, write_model_card
 from modeling_clip_lstm import ClipLstmForImageCaptioning
+from processing import ClipLstmProcessor
 
 REPO_ID = "tester/tiny-captioner"
 GENERATE = dict(num_beams=3, max_new_tokens=8)
@@ -383,3 +384,76 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_not_published(tmp_path):
     ):
         save_for_hub(model, processor, tmp_path / "upload")
     assert not (tmp_path / "upload").exists()
+
+
+# ----------------------------------------------------------------------------- an attention model
+
+
+LOAD_WITH_ATTENTIONS = r"""
+import json, sys
+try:
+    import processing  # noqa: F401
+    raise SystemExit("the project's processing.py is importable: the check would prove nothing")
+except ImportError:
+    pass
+folder, images = sys.argv[1], sys.argv[2:]
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+out = model.generate(**processor(images=images), num_beams=3, max_new_tokens=8, return_dict_in_generate=True,
+                     output_attentions=True)
+print("RESULT " + json.dumps({"ids": out.sequences.tolist(), "attentions": out.attentions.tolist(),
+                              "feature": model.config.image_feature}))
+"""
+
+
+@pytest.fixture(scope="module")
+def patches_run(tmp_path_factory):
+    """A model trained by train_accelerate.py with `--image_feature patches` on 48 shapes images."""
+    from tiny import TINY_VISION
+
+    import train_accelerate
+    from clip_lstm_captioner.shapes import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("patches")
+    dataset = make_shapes_dataset(root / "set", num_images=48, seed=1)
+    output_dir = root / "run"
+    train_accelerate.main(
+        ["--dataset", str(dataset), "--data_cache_dir", str(root / "cache"), "--output_dir", str(output_dir),
+         "--vision_model", "random", "--vision_config", json.dumps(TINY_VISION), "--image_feature", "patches",
+         "--min_word_frequency", "1", "--embed_dim", "16", "--hidden_size", "24", "--batch_size", "16",
+         "--num_epochs", "2", "--learning_rate", "0.01", "--num_workers", "0", "--no_eval"]
+    )  # fmt: skip
+    return output_dir
+
+
+def test_a_trained_attention_model_publishes_and_reloads_with_identical_captions_and_attentions(
+    hub, patches_run, images, tmp_path
+):
+    publish(
+        patches_run / "model", REPO_ID, endpoint=hub.url, token="hf_fake_token", commit_message="attention"
+    )
+    fresh, elsewhere = tmp_path / "downloaded", tmp_path / "elsewhere"
+    fresh.mkdir()
+    elsewhere.mkdir()
+    for name, content in hub.repos[REPO_ID].items():
+        (fresh / name).write_bytes(content)
+    env = os.environ | {"HF_MODULES_CACHE": str(elsewhere / "modules")}
+    done = run_fresh(LOAD_WITH_ATTENTIONS, fresh, *images, cwd=elsewhere, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+
+    model = ClipLstmForImageCaptioning.from_pretrained(patches_run / "model").eval()
+    processor = ClipLstmProcessor.from_pretrained(patches_run / "model")
+    out = model.generate(
+        **processor(images=[str(p) for p in images]),
+        num_beams=3,
+        max_new_tokens=8,
+        return_dict_in_generate=True,
+        output_attentions=True,
+    )
+    assert result["feature"] == "patches"
+    assert result["ids"] == out.sequences.tolist()
+    assert torch.equal(torch.tensor(result["attentions"]), out.attentions)
+    assert out.attentions.shape == (3, out.sequences.shape[1], model.config.num_image_tokens)
