@@ -317,7 +317,7 @@ def evaluate_captioner(
     (BlipForConditionalGeneration, BlipProcessor) pair captioning the same images with the same
     settings (`blip_unavailable`, when it could not be loaded, says why in the report);
     `train_captions` (the train split's `captions` column) adds the most-frequent-
-    training-caption baseline; `shapes_scenes` (`read_scenes`) adds colour and shape accuracy.
+    training-caption baseline; `shapes_scenes` (`read_scenes`) adds the shapes scores (`score_shapes_captions`).
     `num_beams` / `max_new_tokens` default to the model's generation config. Writes report.json,
     report.md, captions.jsonl, gallery.html and gallery.png to `output_dir`; returns the report.
     Under `accelerate launch`, call it on every process with `processes` (a PartialState): the
@@ -502,7 +502,7 @@ def push(model_source: str, model, processor, repo_id: str, report: dict) -> Non
 
 
 def _shapes_scenes(args) -> dict | None:
-    """The drawn scenes of a shapes set (by name or by folder), for colour and shape accuracy; else None."""
+    """The drawn scenes of a shapes set (by name or by folder), for `score_shapes_captions`; else None."""
     root = shapes_root(args.data_cache_dir) if args.dataset == "shapes" else Path(args.dataset)
     return read_scenes(root) if (root / "scenes.jsonl").is_file() else None
 

@@ -39,6 +39,20 @@ METRICS = {
     "cider": ("CIDEr", "cider"),
 }
 METRIC_LABELS = {key: label for key, (label, _) in METRICS.items()}
+# report["shapes"] keys (score_shapes_captions) shown in report.md, x100; a missing key shows as "–"
+SHAPES_COLUMNS = {
+    "colour_accuracy": "colour of the largest object",
+    "shape_accuracy": "its shape",
+    "colour_and_shape_accuracy": "colour and shape",
+    "count_accuracy": "stated counts right",
+    "hallucination_rate": "names an object not drawn",
+    "second_object_accuracy": "second object named",
+}
+SHAPES_NOTE = (
+    "Shapes set, x100: colour and shape over all captions; stated counts over the captions that "
+    "state one; an object not drawn is a colour + shape pair that matches no object in the picture; "
+    "second object over the images with two or more objects."
+)
 OURS, BLIP, BASELINE = "ours", "blip", "most_frequent_caption"
 VERSIONED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "pycocoevalcap")
 THUMBNAIL_PIXELS = 256  # longest side of a gallery thumbnail
@@ -102,11 +116,13 @@ def render_markdown(report: dict) -> str:
     if report.get("blip_unavailable"):
         lines += ["", f"BLIP not compared: {report['blip_unavailable']}."]
     if report.get("shapes"):
-        lines += ["", "| shapes set | colour of the largest object | its shape |", "|---|---:|---:|"]
+        lines += ["", "| shapes set | " + " | ".join(SHAPES_COLUMNS.values()) + " |"]
+        lines += ["|---|" + "---:|" * len(SHAPES_COLUMNS)]
         lines += [
-            f"| {display_name(key)} | {_percent(s['colour_accuracy'])} | {_percent(s['shape_accuracy'])} |"
+            f"| {display_name(key)} | " + " | ".join(_percent(s.get(name)) for name in SHAPES_COLUMNS) + " |"
             for key, s in report["shapes"].items()
         ]
+        lines += ["", SHAPES_NOTE]
     versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
     return "\n".join(lines + ["", f"Versions: {versions}.", ""])
 

@@ -13,13 +13,16 @@ pipeline offline and a test can check every caption against the picture.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +64,9 @@ _POSITION_PHRASES = {
     "bottom right": "in the bottom right",
 }
 _NUMBERS = {1: "one", 2: "two", 3: "three"}
+# A named object: a colour word, then a shape word, with at most one size word between them.
+_NAMED_OBJECT = re.compile(rf"\b({'|'.join(SHAPES_COLOURS)}) (?:(?:big|small) )?({'|'.join(SHAPES_KINDS)})\b")
+_NUMBER_WORDS = {word: number for number, word in _NUMBERS.items()}
 
 
 def _position_word(centre: tuple[float, float], image_size: int) -> str:
@@ -333,23 +339,90 @@ def _first_word_of(caption: str, words) -> str | None:
     return next((word for word in caption.lower().split() if word in words), None)
 
 
-def score_shapes_captions(captions: dict[str, str], scenes: dict[str, dict]) -> dict[str, float]:
-    """How often a caption's first colour word and first shape word name the largest object drawn.
+def _stated_totals(words: list[str]) -> list[int]:
+    """The object count each number word states: "two shapes" -> 2, "two small shapes" (the others) -> 3."""
+    pairs = itertools.pairwise([*words, ""])
+    return [_NUMBER_WORDS[word] + (after == "small") for word, after in pairs if word in _NUMBER_WORDS]
 
+
+def _caption_tallies(caption: str, objects: list[dict]) -> dict[str, int]:
+    """What one caption gets right about its scene, as counts that the scorer sums over images."""
+    largest = max(objects, key=lambda obj: obj["area"])
+    words = caption.lower().split()
+    named = _NAMED_OBJECT.findall(" ".join(words))  # [(colour, shape), ...]
+    drawn = {(obj["colour"], obj["shape"]) for obj in objects}
+    others = drawn - {(largest["colour"], largest["shape"])}
+    totals = _stated_totals(words)
+    colour_hit = _first_word_of(caption, SHAPES_COLOURS) == largest["colour"]
+    shape_hit = _first_word_of(caption, SHAPES_KINDS) == largest["shape"]
+    return dict(
+        colour=colour_hit,
+        shape=shape_hit,
+        colour_and_shape=colour_hit and shape_hit,
+        count_stated=bool(totals),
+        count=bool(totals) and all(total == len(objects) for total in totals),
+        hallucinating=any(pair not in drawn for pair in named),
+        named=len(named),
+        named_drawn=sum(pair in drawn for pair in named),
+        second_object_scene=len(objects) > 1,
+        second_object=any(pair in others for pair in named),
+    )
+
+
+def score_shapes_captions(captions: dict[str, str], scenes: dict[str, dict]) -> dict[str, float | None]:
+    """How well captions (one per image id) describe the scenes drawn (`read_scenes`).
+
+    Words are the caption's lower-cased, space-separated words. Over all captions:
+    - colour_accuracy / shape_accuracy: the first colour word / first shape word names the
+      largest object; colour_and_shape_accuracy: both do.
+    - count_stated: the caption has a number word ("one", "two", "three"). Each states a total:
+      the number itself ("one red circle", "two shapes", "of three shapes"), or the number plus
+      one when "small" follows, since "and two small shapes" counts the objects besides the
+      largest. count_accuracy: among captions that state a count, every stated total equals
+      the number of objects drawn (None when no caption states one).
+    - A named object is a colour word then a shape word, with at most one size word between
+      ("red circle", "big red circle"); a colour or shape word outside such a pair is ignored,
+      and sizes are not checked. hallucination_rate: some named object matches no drawn
+      (colour, shape); objects_named_correctly: the share of all named objects that match one
+      (None when none is named).
+    - second_object_accuracy: over the second_object_scenes images with two or more objects,
+      the caption names one of the objects other than the largest (naming none is a miss;
+      None when there are no such images).
     A model that ignores the image gets about 1 / len(SHAPES_COLOURS) on colour.
 
     Example:
-        score_shapes_captions({"shapes_00000.jpg": "a big blue square"}, read_scenes(shapes_root()))
-        # -> {'colour_accuracy': 1.0, 'shape_accuracy': 1.0, 'num_images': 1}
+        >>> scenes = {
+        ...     "a.jpg": {"objects": [{"colour": "red", "shape": "circle", "area": 900},
+        ...                           {"colour": "blue", "shape": "square", "area": 200}]},
+        ...     "b.jpg": {"objects": [{"colour": "green", "shape": "diamond", "area": 800}]},
+        ... }
+        >>> captions = {"a.jpg": "a big red circle and a small blue square",
+        ...             "b.jpg": "two shapes and the biggest is a green square"}
+        >>> scores = score_shapes_captions(captions, scenes)
+        >>> [scores[key] for key in ("colour_and_shape_accuracy", "count_stated", "count_accuracy")]
+        [0.5, 0.5, 0.0]
+        >>> [scores[key] for key in ("hallucination_rate", "second_object_accuracy", "second_object_scenes")]
+        [0.5, 1.0, 1]
     """
-    colour_hits = shape_hits = 0
+    tallies = Counter()
     for image_id, caption in captions.items():
-        largest = max(scenes[image_id]["objects"], key=lambda obj: obj["area"])
-        colour_hits += _first_word_of(caption, SHAPES_COLOURS) == largest["colour"]
-        shape_hits += _first_word_of(caption, SHAPES_KINDS) == largest["shape"]
+        # += rather than update(): an empty Counter's update() would keep the bools themselves
+        for name, value in _caption_tallies(caption, scenes[image_id]["objects"]).items():
+            tallies[name] += value
+
+    def share(hits: str, of: str) -> float | None:
+        return tallies[hits] / tallies[of] if tallies[of] else None
+
     count = max(len(captions), 1)
     return {
-        "colour_accuracy": colour_hits / count,
-        "shape_accuracy": shape_hits / count,
+        "colour_accuracy": tallies["colour"] / count,
+        "shape_accuracy": tallies["shape"] / count,
+        "colour_and_shape_accuracy": tallies["colour_and_shape"] / count,
+        "count_stated": tallies["count_stated"] / count,
+        "count_accuracy": share("count", "count_stated"),
+        "hallucination_rate": tallies["hallucinating"] / count,
+        "objects_named_correctly": share("named_drawn", "named"),
+        "second_object_accuracy": share("second_object", "second_object_scene"),
+        "second_object_scenes": tallies["second_object_scene"],
         "num_images": len(captions),
     }

@@ -513,6 +513,79 @@ def test_shapes_source_uses_the_cache_dir(tmp_path):
     assert (shapes_set.shapes_root(tmp_path) / "scenes.jsonl").is_file()
 
 
+def score_one(caption: str, scene: dict) -> dict:
+    return shapes_set.score_shapes_captions({"image.jpg": caption}, {"image.jpg": scene})
+
+
+def test_shapes_scorer_counts_every_true_caption_as_right():
+    seen = {"counts": set(), "second_object_hits": 0, "second_object_misses": 0}
+    for index in range(200):
+        _, scene, captions = shapes_set.draw_scene(seed=3, index=index, size=96)
+        objects = scene["objects"]
+        for caption in captions:
+            scores = score_one(caption, scene)
+            assert scores["colour_and_shape_accuracy"] == 1.0, caption
+            assert scores["hallucination_rate"] == 0.0 and scores["objects_named_correctly"] == 1.0, caption
+            states_count = re.search(r"\b(one|two|three)\b", caption) is not None
+            assert scores["count_stated"] == float(states_count), caption
+            assert scores["count_accuracy"] == (1.0 if states_count else None), caption
+            if states_count:
+                seen["counts"].add(len(objects))
+            if len(objects) == 1:
+                assert scores["second_object_accuracy"] is None and scores["second_object_scenes"] == 0
+                continue
+            names_another = any(f"{o['colour']} {o['shape']}" in caption for o in objects[1:])
+            assert scores["second_object_accuracy"] == float(names_another), caption
+            assert scores["second_object_scenes"] == 1
+            seen["second_object_hits" if names_another else "second_object_misses"] += 1
+    # the templates that state counts and name other objects all came up, so the checks above bit
+    assert seen["counts"] == {1, 2, 3} and seen["second_object_hits"] and seen["second_object_misses"]
+
+
+def three_objects_to_swap() -> tuple[dict, list[tuple[str, str]]]:
+    """A drawn 3-object scene in which the first two objects' shapes swapped name no drawn object."""
+    for index in range(100):
+        scene = shapes_set.draw_scene(seed=3, index=index, size=96)[1]
+        pairs = [(o["colour"], o["shape"]) for o in scene["objects"]]
+        if len(pairs) == 3 and {(pairs[0][0], pairs[1][1]), (pairs[1][0], pairs[0][1])}.isdisjoint(pairs):
+            return scene, pairs
+    raise AssertionError("no such scene among the first 100")
+
+
+def test_shapes_scorer_counts_wrong_captions_as_misses():
+    scene, [(c0, s0), (c1, s1), (c2, _)] = three_objects_to_swap()
+    unused = next(colour for colour in shapes_set.SHAPES_COLOURS if colour not in {c0, c1, c2})
+    right_count = score_one(f"three shapes and the biggest is a {c0} {s0}", scene)
+    assert right_count["count_accuracy"] == 1.0 and right_count["second_object_accuracy"] == 0.0
+    for wrong_count in (f"two shapes and the biggest is a {c0} {s0}", f"a {c0} {s0} and one small shape"):
+        scores = score_one(wrong_count, scene)
+        assert scores["count_stated"] == 1.0 and scores["count_accuracy"] == 0.0, wrong_count
+        assert scores["hallucination_rate"] == 0.0 and scores["colour_and_shape_accuracy"] == 1.0
+    made_up = score_one(f"a big {c0} {s0} and a small {unused} {s1}", scene)
+    assert made_up["hallucination_rate"] == 1.0 and made_up["objects_named_correctly"] == 0.5
+    assert made_up["second_object_accuracy"] == 0.0 and made_up["colour_and_shape_accuracy"] == 1.0
+    swapped = score_one(f"a big {c0} {s1} and a small {c1} {s0}", scene)
+    assert swapped["hallucination_rate"] == 1.0 and swapped["objects_named_correctly"] == 0.0
+    assert swapped["colour_accuracy"] == 1.0 and swapped["colour_and_shape_accuracy"] == 0.0
+    assert swapped["second_object_accuracy"] == 0.0
+    # a size word between colour and shape still names the pair; a dangling colour word names none
+    slipped = score_one(f"a {c0} big {s0} and a {c1} small {s0}", scene)
+    assert slipped["objects_named_correctly"] == 0.5 and slipped["hallucination_rate"] == 1.0
+    dangling = score_one(f"the biggest is a {c0}", scene)
+    assert dangling["objects_named_correctly"] is None and dangling["hallucination_rate"] == 0.0
+    assert dangling["count_accuracy"] is None and dangling["count_stated"] == 0.0
+
+
+def test_shapes_scores_pool_over_images_and_survive_json():
+    scenes = {f"{index}.jpg": shapes_set.draw_scene(seed=3, index=index, size=96)[1] for index in range(30)}
+    captions = {image_id: "two shapes and the biggest is a red circle" for image_id in scenes}
+    scores = shapes_set.score_shapes_captions(captions, scenes)
+    two = sum(len(scene["objects"]) == 2 for scene in scenes.values())
+    assert scores["count_stated"] == 1.0 and scores["count_accuracy"] == two / 30
+    assert scores["second_object_scenes"] == sum(len(s["objects"]) > 1 for s in scenes.values())
+    assert json.loads(json.dumps(scores)) == scores and type(scores["second_object_scenes"]) is int
+
+
 # --------------------------------------------------------------------------------------
 # Command-line flags
 # --------------------------------------------------------------------------------------

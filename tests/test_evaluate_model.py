@@ -25,7 +25,7 @@ from tiny import save_peaked_captioner, save_tiny_blip
 import evaluate_model
 from clip_lstm_captioner import data
 from clip_lstm_captioner.cli import load_captioner
-from clip_lstm_captioner.reports import THUMBNAIL_PIXELS
+from clip_lstm_captioner.reports import SHAPES_COLUMNS, THUMBNAIL_PIXELS
 from modeling_clip_lstm import ClipLstmForImageCaptioning
 
 METRIC_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider")
@@ -93,6 +93,26 @@ def test_writes_every_file_in_its_documented_shape(evaluation):
     assert all(row.count("|") == header.count("|") for row in rows)
     # percentages, as caption papers print them
     assert f"{100 * report['models']['ours']['bleu_4']:.1f}" in rows[0]
+
+
+def test_report_md_shows_every_shapes_score(evaluation):
+    output_dir, shapes = evaluation["output_dir"], evaluation["report"]["shapes"]
+    assert {"count_accuracy", "hallucination_rate", "second_object_accuracy"} <= set(shapes["ours"])
+    table = (output_dir / "report.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("| shapes set |"))
+    header, rows = table[start], table[start + 2 : table.index("", start)]
+    new_columns = (
+        "colour and shape",
+        "stated counts right",
+        "names an object not drawn",
+        "second object named",
+    )
+    assert all(column in header for column in new_columns), header
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    assert [row[0] for row in cells] == ["ours", "BLIP", "most frequent training caption"]
+    for (key, scores), row in zip(shapes.items(), cells, strict=True):
+        expected = ["–" if scores[name] is None else f"{100 * scores[name]:.1f}" for name in SHAPES_COLUMNS]
+        assert row[1:] == expected, key
 
 
 def test_every_test_image_is_captioned_once(evaluation):
