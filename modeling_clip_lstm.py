@@ -138,8 +138,9 @@ class ClipLstmAttention(nn.Module):
 class ClipLstmDecoder(nn.Module):
     """The LSTM caption decoder: image step, then BOS w1 .. wn, one token per step.
 
-    With `image_feature="patches"` the image step is the mean of the projected tokens, and each
-    step's output attends over them ([`ClipLstmAttention`]). `memory` below is that per-image
+    With `image_feature="patches"` the image step is the projected CLS token (what the pooled
+    feature is made from: the whole-image summary that picks the sentence's form, such as a count),
+    and each step's output attends over all the tokens ([`ClipLstmAttention`]). `memory` below is that per-image
     (values (B, P, E), keys (B, P, A)) pair, or None for a pooled feature.
     """
 
@@ -179,7 +180,7 @@ class ClipLstmDecoder(nn.Module):
         if self.attention is None:
             return projected.unsqueeze(1), None
         memory = (projected, self.attention.key(projected))  # (B, P, E), (B, P, A)
-        return projected.mean(dim=1, keepdim=True), memory
+        return projected[:, :1], memory  # the CLS token starts the caption, as the pooled feature does
 
     def attend(self, hidden: torch.Tensor, memory):
         """LSTM outputs (N, T, H) -> what the output head reads (N, T, H), and weights (N, T, P) or None."""
