@@ -133,7 +133,9 @@ def test_wide_beam_equals_exhaustive_search(length_penalty, early_stopping, feat
             out.sequences_scores[i * 40 : (i + 1) * 40],
             torch.tensor([s for s, _ in scored]),
             atol=1e-5,
-            rtol=1e-6,  # float32 rounding: the scores of these peaked weights reach -40
+            # float32 rounding: the scores of these peaked weights reach -40, and the attention's
+            # matmuls group an image's beams differently from the teacher-forced forward's one row
+            rtol=1e-6 if feature == "pooled" else 1e-5,
         )
 
 
