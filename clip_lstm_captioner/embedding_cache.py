@@ -95,7 +95,10 @@ def _stored(features: np.ndarray, dtype: np.dtype) -> np.ndarray:
         stored = features.astype(dtype, copy=False)
     if dtype == np.float16 and not np.array_equal(np.isfinite(stored), np.isfinite(features)):
         largest = float(np.abs(features[np.isfinite(features)]).max())
-        raise ValueError(f"a CLIP feature value {largest:g} is beyond float16's range (65504)")
+        raise ValueError(
+            f"a CLIP patch token value {largest:g} is beyond float16's range (65504), which the cache "
+            "keeps patch tokens in: use image_feature 'pooled' or 'projected' with this tower"
+        )
     return stored
 
 
