@@ -148,8 +148,8 @@ def decoding_settings(model, num_beams: int | None = None, max_new_tokens: int |
 
 
 def _embeds_batches(split: datasets.Dataset, batch_size: int):
-    """Yield ({"image_embeds": (B, D)}, row indices) from the split's cached CLIP features."""
-    image_embeds = image_embeds_of(split)  # (N, D)
+    """Yield ({"image_embeds": (B, D) or (B, P, D) patch tokens}, row indices) from the split's cached CLIP features."""
+    image_embeds = image_embeds_of(split)  # (N, D) float32 or (N, P, D) float16, memory-mapped
     for start in range(0, len(image_embeds), batch_size):
         batch = image_embeds[start : start + batch_size]
         yield {"image_embeds": batch}, list(range(start, start + len(batch)))

@@ -57,7 +57,7 @@ from clip_lstm_captioner.run_folder import (
     save_checkpoint,
 )
 from clip_lstm_captioner.shapes import read_scenes, shapes_root
-from configuration_clip_lstm import ClipLstmConfig
+from configuration_clip_lstm import IMAGE_FEATURES, ClipLstmConfig
 from evaluate_model import evaluate_captioner
 from modeling_clip_lstm import DEFAULT_VISION_MODEL, ClipLstmForImageCaptioning
 from processing import (
@@ -99,8 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "config.json path (default: the demo's small tower).")
     model.add_argument("--pretrain_steps", type=positive_int, default=400,
                        help="With --vision_model pretrain: contrastive steps (batch 128); the result is cached.")
-    model.add_argument("--image_feature", choices=("pooled", "projected"), default="pooled",
-                       help="CLIP feature fed to the decoder: pooled CLS token or projected embedding.")
+    model.add_argument("--image_feature", choices=IMAGE_FEATURES, default="pooled",
+                       help="CLIP feature fed to the decoder: pooled CLS token, projected embedding, or "
+                       "patches: the tower's final tokens, attended over at every step (cached in float16).")
     model.add_argument("--no_normalize_image_embeds", action="store_true",
                        help="Feed the CLIP feature unnormalised (default: L2-normalised inside the model).")
     model.add_argument("--tokenizer", default="captions",

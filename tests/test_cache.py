@@ -3,15 +3,22 @@
 import os
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_model, tiny_processor
+from tiny import model_for_tokenizer, tiny_model, tiny_processor
 
 from clip_lstm_captioner import embedding_cache
 from clip_lstm_captioner.data import load_caption_dataset
-from clip_lstm_captioner.embedding_cache import cache_image_embeds, image_embeds_of, weights_digest
+from clip_lstm_captioner.embedding_cache import (
+    cache_image_embeds,
+    embedding_fingerprint,
+    image_embeds_of,
+    weights_digest,
+)
 from clip_lstm_captioner.shapes import make_shapes_dataset
+from evaluate_model import _embeds_batches
 from processing import ImageLoadError, image_processor_for
 from train_accelerate import CaptionPairs
 
@@ -152,3 +159,131 @@ def test_training_reads_the_cache_memory_mapped_without_a_copy(tmp_path, shapes_
     assert inside_the_file(pairs.image_embeds)
     picked = split.select([4, 1])  # rows picked out of order: a copy of those rows only
     assert torch.equal(image_embeds_of(picked), image_embeds_of(split)[[4, 1]])
+
+
+def inside_the_file_of(split):
+    """Whether a tensor's memory lies in the buffer of the split's memory-mapped `image_embeds` values."""
+    column = split.data.column("image_embeds").chunk(0)
+    while column.type.num_fields:  # nested fixed-size lists down to the float values
+        column = column.values
+    buffer = column.buffers()[1]
+    return lambda tensor: buffer.address <= tensor.data_ptr() < buffer.address + buffer.size
+
+
+def cache_files(cache_dir) -> list[str]:
+    return sorted(path.name for path in (cache_dir / "embeddings").iterdir())
+
+
+def test_patch_tokens_are_cached_in_half_precision_and_read_memory_mapped(
+    tmp_path, shapes_folder, monkeypatch
+):
+    # ViT-B/32 patch tokens are 50 x 768 per image: 9 GB for COCO even in float16, never copied into RAM.
+    split = load_caption_dataset(shapes_folder)["train"]
+    model = tiny_model(image_feature="patches")
+    calls = count_tower_calls(model, monkeypatch)
+    cached = embed(split, model, tmp_path / "cache", batch_size=4)  # several batches
+    image_embeds = image_embeds_of(cached)
+    assert model.config.image_feature_shape == (17, 32)  # CLS + 4 x 4 patches, 32 wide
+    assert image_embeds.shape == (split.num_rows, 17, 32)
+    assert image_embeds.dtype == torch.float16 and cached.features["image"] == split.features["image"]
+    pixels = tiny_processor()(images=[row["image"] for row in split])["pixel_values"]
+    expected = model.get_image_features(pixels)
+    assert torch.equal(image_embeds, expected.half())  # the float32 features, rounded once
+    torch.testing.assert_close(image_embeds.float(), expected, rtol=1e-3, atol=1e-3)
+
+    assert isinstance(cached.data, datasets.table.MemoryMappedTable)
+    inside_the_file = inside_the_file_of(cached)
+    assert inside_the_file(image_embeds)  # a view of the read-only mapped file, no copy
+    assert inside_the_file(image_embeds_of(cached.select(range(3, 9))))  # a contiguous selection too
+    assert torch.equal(image_embeds_of(cached.select(range(3, 9))), image_embeds[3:9])
+    picked = image_embeds_of(cached.select([4, 1]))  # rows out of order: a copy of those rows
+    assert torch.equal(picked, image_embeds[[4, 1]]) and picked.dtype == torch.float16
+    assert not inside_the_file(picked)
+
+    encoded = calls["images"]
+    again = embed(split, model, tmp_path / "cache", batch_size=4)
+    assert calls["images"] == encoded == 2 * split.num_rows  # read back: CLIP ran only for `expected`
+    assert torch.equal(image_embeds_of(again), image_embeds)
+    key = embedding_fingerprint(split, model, image_processor_for(model.config.vision_config))
+    assert cache_files(tmp_path / "cache") == [f"{key}.arrow"]  # the features file is gone
+
+
+def test_pooled_and_patch_caches_of_one_tower_coexist(tmp_path, shapes_folder, monkeypatch):
+    split = load_caption_dataset(shapes_folder)["test"]
+    pooled, patches = tiny_model(), tiny_model(image_feature="patches")
+    patches.vision_tower.load_state_dict(pooled.vision_tower.state_dict())
+    assert weights_digest(patches.vision_tower) == weights_digest(pooled.vision_tower)
+    pooled_calls = count_tower_calls(pooled, monkeypatch)
+    patch_calls = count_tower_calls(patches, monkeypatch)
+    for _ in range(2):  # the second time both are read back, each with its own shape
+        assert image_embeds_of(embed(split, pooled, tmp_path / "cache")).shape == (split.num_rows, 32)
+        assert image_embeds_of(embed(split, patches, tmp_path / "cache")).shape == (split.num_rows, 17, 32)
+    assert pooled_calls["images"] == patch_calls["images"] == split.num_rows
+    assert len(cache_files(tmp_path / "cache")) == 2
+    # The pooled feature is the CLS token after the final layer norm: the two files hold different data.
+    pooled_embeds = image_embeds_of(embed(split, pooled, tmp_path / "cache"))
+    cls_token = image_embeds_of(embed(split, patches, tmp_path / "cache"))[:, 0].float()
+    post_layernorm = pooled.vision_tower.post_layernorm
+    torch.testing.assert_close(post_layernorm(cls_token), pooled_embeds, rtol=1e-2, atol=1e-2)
+
+
+def test_a_crash_mid_write_leaves_nothing_a_later_run_trusts(tmp_path, shapes_folder, monkeypatch):
+    split = load_caption_dataset(shapes_folder)["train"]
+    model = tiny_model(image_feature="patches")
+    original = model.get_image_features
+    batches = []
+
+    def dies_on_the_second_batch(pixel_values):
+        batches.append(len(pixel_values))
+        if len(batches) == 2:
+            raise RuntimeError("killed mid-cache")
+        return original(pixel_values).fill_(7.0)  # what a later run must never read
+
+    monkeypatch.setattr(model, "get_image_features", dies_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        embed(split, model, tmp_path / "cache", batch_size=4)
+    assert cache_files(tmp_path / "cache") == []  # no cache file, and the features file removed
+
+    # A killed process runs no cleanup: it leaves its features file, which the next run replaces.
+    key = embedding_fingerprint(split, model, image_processor_for(model.config.vision_config))
+    stale = tmp_path / "cache" / "embeddings" / f".{key}.features.npy"
+    np.save(stale, np.full((split.num_rows, 17, 32), 7.0, dtype=np.float16))
+    monkeypatch.undo()
+    calls = count_tower_calls(model, monkeypatch)
+    result = image_embeds_of(embed(split, model, tmp_path / "cache", batch_size=4))
+    assert calls["images"] == split.num_rows and result.shape[0] == split.num_rows
+    assert not (result == 7.0).all(dim=(1, 2)).any()
+    assert cache_files(tmp_path / "cache") == [f"{key}.arrow"]
+
+
+def test_a_patch_value_beyond_half_precision_stops_instead_of_dropping_the_image(
+    tmp_path, shapes_folder, monkeypatch
+):
+    split = load_caption_dataset(shapes_folder)["test"]
+    model = tiny_model(image_feature="patches")
+    original = model.get_image_features
+    monkeypatch.setattr(model, "get_image_features", lambda pixels: original(pixels) * 1e5)
+    with pytest.raises(ValueError, match="float16"):
+        embed(split, model, tmp_path / "cache")
+    assert cache_files(tmp_path / "cache") == []
+
+
+def test_training_and_evaluation_read_a_patch_cache(tmp_path, shapes_folder):
+    tokenizer = tiny_processor().tokenizer
+    model = model_for_tokenizer(tokenizer, image_feature="patches")
+    split = embed(load_caption_dataset(shapes_folder)["train"], model, tmp_path / "cache")
+    image_embeds = image_embeds_of(split)
+    model.fit_image_statistics(image_embeds)  # float16, read-only, memory-mapped
+    standardised = model.decoder.prepare_image_embeds(image_embeds)  # (N, P, D) float32
+    assert standardised.dtype == torch.float32
+    assert standardised.reshape(-1, standardised.shape[-1]).mean(0).abs().max() < 1e-3  # over every token
+
+    pairs = CaptionPairs.from_split(split, tokenizer)
+    batch = pairs.__getitems__([0, 7])
+    assert batch["image_embeds"].shape == (2, 17, 32) and batch["image_embeds"].dtype == torch.float16
+    assert torch.equal(batch["image_embeds"][1], image_embeds[1])  # caption 7 is image 1's
+    assert torch.isfinite(model(**batch).loss)
+
+    inputs, rows = next(_embeds_batches(split, 8))
+    assert inputs["image_embeds"].shape == (8, 17, 32) and rows == list(range(8))
+    assert model.generate(**inputs, num_beams=2, max_new_tokens=4).shape[0] == 8

@@ -31,7 +31,8 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")  # the CLI of this env
 NUM_IMAGES = 16  # a seeded split keeps 12 for training: four batches of 3, two per process
 
 # What train_accelerate.py does: one call on every process, passing the accelerator. Each process
-# says how many images it encoded.
+# says how many images it encoded. Arguments: data folder, cache folder, rank to crash (-1: none),
+# image_feature.
 CACHE_SCRIPT = """
 import sys
 from accelerate import Accelerator
@@ -40,20 +41,21 @@ from clip_lstm_captioner import embedding_cache
 from clip_lstm_captioner.data import load_caption_dataset
 from processing import image_processor_for
 
-folder, cache_dir, crash_rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+folder, cache_dir, crash_rank, feature = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 state = Accelerator()
 encode = embedding_cache._embed_images
 
 def counted(sources, *args):
     if state.process_index == crash_rank:
         raise RuntimeError(f"process {crash_rank} killed mid-cache")
-    print(f"process {state.process_index} of {state.num_processes} encoded {len(sources)} images", flush=True)
+    # one write per line: the two processes share the pipe, and print() writes the newline separately
+    print(f"process {state.process_index} of {state.num_processes} encoded {len(sources)} images\\n", end="", flush=True)
     return encode(sources, *args)
 
 embedding_cache._embed_images = counted
 with state.main_process_first():
     split = load_caption_dataset(folder)["train"]
-model = tiny_model()
+model = tiny_model(image_feature=feature)
 embedding_cache.cache_image_embeds(split, model, image_processor_for(model.config.vision_config),
                                    cache_dir=cache_dir, batch_size=3, num_workers=0, accelerator=state)
 """
@@ -97,10 +99,11 @@ def cache_files(cache_dir: Path) -> list[str]:
     return sorted(path.name for path in (cache_dir / "embeddings").iterdir())
 
 
-def test_two_processes_write_the_cache_one_process_writes(kaggle_folder, tmp_path):
+@pytest.mark.parametrize("feature", ["pooled", "patches"])  # (N, D) float32; (N, P, D) float16
+def test_two_processes_write_the_cache_one_process_writes(kaggle_folder, tmp_path, feature):
     script = tmp_path / "cache_script.py"
     script.write_text(CACHE_SCRIPT)
-    result = launch_two(script, kaggle_folder, tmp_path / "two", -1, cwd=tmp_path)
+    result = launch_two(script, kaggle_folder, tmp_path / "two", -1, feature, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(line for line in result.stdout.splitlines() if " encoded " in line) == [
         "process 0 of 2 encoded 6 images",  # two batches of 3 each
@@ -108,7 +111,7 @@ def test_two_processes_write_the_cache_one_process_writes(kaggle_folder, tmp_pat
     ]
 
     split = load_caption_dataset(kaggle_folder)["train"]
-    model = tiny_model()
+    model = tiny_model(image_feature=feature)
     one = cache_image_embeds(
         split, model, image_processor_for(model.config.vision_config), cache_dir=tmp_path / "one",
         batch_size=3, num_workers=0,
@@ -120,12 +123,15 @@ def test_two_processes_write_the_cache_one_process_writes(kaggle_folder, tmp_pat
     assert two["image_id"] == one["image_id"] == split["image_id"]
     assert np.array_equal(image_embeds_of(two).numpy(), image_embeds_of(one).numpy())  # bit for bit
     assert two.features["image_embeds"] == one.features["image_embeds"]
+    assert image_embeds_of(two).shape == (split.num_rows, *model.config.image_feature_shape)
+    one_file, two_file = (tmp_path / run / "embeddings" / names[0] for run in ("one", "two"))
+    assert two_file.read_bytes() == one_file.read_bytes()  # the same file, byte for byte
 
 
 def test_a_crashed_process_leaves_no_cache_behind(kaggle_folder, tmp_path, monkeypatch):
     script = tmp_path / "cache_script.py"
     script.write_text(CACHE_SCRIPT)
-    result = launch_two(script, kaggle_folder, tmp_path / "cache", 1, cwd=tmp_path)
+    result = launch_two(script, kaggle_folder, tmp_path / "cache", 1, "pooled", cwd=tmp_path)
     assert result.returncode != 0 and "process 1 killed mid-cache" in result.stderr
     embeddings = tmp_path / "cache" / "embeddings"
     assert not list(embeddings.glob("clip-embeds-*.arrow"))  # nothing a later run would read
@@ -142,6 +148,8 @@ def test_a_crashed_process_leaves_no_cache_behind(kaggle_folder, tmp_path, monke
         batch_size=3, num_workers=0,
     )  # fmt: skip
     assert sum(encoded) == split.num_rows and np.isfinite(image_embeds_of(again).numpy()).all()
+    left = cache_files(tmp_path / "cache")  # the killed run's features file was replaced, then removed
+    assert len(left) == 1 and left[0].endswith(".arrow")
 
 
 @pytest.fixture(scope="module")

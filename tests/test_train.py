@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -593,6 +594,18 @@ def test_one_training_image_trains_a_finite_model(tmp_path, three_images):
     assert all(tensor.isfinite().all() for tensor in weights.values())
     history = json.loads((run / "trainer_state.json").read_text())["history"]
     assert all(torch.isfinite(torch.tensor([h["train_loss"], h["val_loss"]])).all() for h in history)
+
+
+def test_a_patches_run_trains_from_its_float16_token_cache(tmp_path, small_shapes):
+    run = tmp_path / "run"
+    train_accelerate.main(tiny_run_args(small_shapes, run, "--image_feature", "patches", "--num_epochs", "1"))
+    model = ClipLstmForImageCaptioning.from_pretrained(run / "model")
+    assert model.config.image_feature == "patches"
+    assert all(tensor.isfinite().all() for tensor in load_file(run / "model" / "model.safetensors").values())
+    files = list((tmp_path / "cache" / "embeddings").iterdir())
+    assert len(files) == 3 and all(path.suffix == ".arrow" for path in files)  # the splits; no temporaries
+    caches = [image_embeds_of(datasets.Dataset.from_file(str(path))) for path in files]
+    assert all(embeds.dtype == torch.float16 and embeds.shape[1:] == (17, 32) for embeds in caches)
 
 
 def test_image_statistics_ignore_broken_rows_and_need_two_rows_for_a_spread():
