@@ -397,7 +397,7 @@ def word_heatmaps(
         heat = (grid - grid.min()) / spread if spread > 1e-9 else np.zeros_like(grid)
         smooth = Image.fromarray(heat.astype(np.float32)).resize(shape, Image.Resampling.BICUBIC)
         heat = np.clip(np.asarray(smooth, dtype=np.float64), 0.0, 1.0)  # bicubic overshoots a little
-        alpha = (0.35 + 0.5 * heat)[..., None]  # the hot spot is more colour, the rest more image
+        alpha = (0.25 + 0.55 * heat)[..., None]  # the hot spot is more colour, the rest more image
         blended = pixels * (1.0 - alpha) + _heat_colours(heat) * alpha
         pictures.append((Image.fromarray(np.rint(blended).astype(np.uint8)), label))
     return pictures
