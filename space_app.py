@@ -435,7 +435,7 @@ with gr.Blocks(title=TITLE, delete_cache=(86400, 86400)) as demo:
             ours_heatmaps = gr.Gallery(
                 label="Where it looked, word by word (red: most attention)",
                 visible=False,
-                columns=6,
+                columns=5,
                 height="auto",
                 object_fit="contain",
                 format="png",
