@@ -13,8 +13,10 @@ beat it has not learnt to look at the image.
 
 Writes to `--output_dir`: `report.json` (the numbers; `publishing.model_index` turns it into the
 Hub model-index), `report.md` (the table), `captions.jsonl` (every caption), `gallery.html` and
-`gallery.png` (a few images with their captions). `train_accelerate.py` calls `evaluate_captioner`
-at the end of training with the objects it already holds.
+`gallery.png` (a few images with their captions; for a model trained with
+`image_feature="patches"`, the first few also show where it looked for each word, pictures in
+`gallery-heatmaps/`). `train_accelerate.py` calls `evaluate_captioner` at the end of training with
+the objects it already holds.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from clip_lstm_captioner.reports import (
     BLIP,
     METRIC_LABELS,
     OURS,
+    gallery_rows,
     package_versions,
     render_markdown,
     write_report,
@@ -58,11 +61,12 @@ from clip_lstm_captioner.reports import (
 from clip_lstm_captioner.shapes import read_scenes, score_shapes_captions, shapes_root
 from clip_lstm_captioner.splits import SPLIT_ALIASES
 from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor, first_line, is_hub_id
+from processing import ClipLstmProcessor, first_line, is_hub_id, load_image, word_heatmaps
 
 logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics" / "caption_metrics"
+NUM_HEATMAP_IMAGES = 4  # gallery images that also show per-word heatmaps (patches models)
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 _BLIP_HINT = "pass --blip_model a local folder holding a saved BlipForConditionalGeneration and BlipProcessor"
 
@@ -218,6 +222,37 @@ def caption_split(
     return captions
 
 
+@torch.no_grad()
+def gallery_heatmaps(model, processor, split: datasets.Dataset, rows: list[int], **settings) -> dict:
+    """Where a patches model looked for each word: {row: [(picture, word), ...]} for `rows` of `split`
+    (`word_heatmaps`); {} for a pooled or projected model, which has no attention to show.
+
+    A second, small `generate(..., output_attentions=True)` on these rows alone, from the same inputs
+    as their captions (the cached `image_embeds` when the split has them) and with the same
+    `settings`, so it writes the same captions while the captioning of the split stays as fast as
+    without heatmaps.
+
+    Example:
+        heatmaps = gallery_heatmaps(model, processor, test, [0, 62], num_beams=5, max_new_tokens=30)
+        [word for _, word in heatmaps[0]]
+        # -> ['a', 'red', 'circle', 'on', 'the', 'left']
+    """
+    if model.config.image_feature != "patches" or not rows:
+        return {}
+    subset = split.select(rows)
+    images = [load_image(image) for image in subset["image"]]
+    if "image_embeds" in subset.column_names:
+        inputs = {"image_embeds": image_embeds_of(subset)}  # (n, P, D)
+    else:
+        inputs = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
+    inputs = {name: value.to(device=model.device, dtype=model.dtype) for name, value in inputs.items()}
+    out = model.generate(**inputs, **settings, return_dict_in_generate=True, output_attentions=True)
+    return {
+        row: word_heatmaps(image, attentions, processor.token_labels(sequence), processor.image_processor)
+        for row, image, sequence, attentions in zip(rows, images, out.sequences, out.attentions, strict=True)
+    }
+
+
 def _timed_captions(model, processor, split, desc: str, **kwargs) -> tuple[list[str | None], float]:
     start = time.perf_counter()
     captions = caption_split(model, processor, split, desc=desc, **kwargs)
@@ -319,7 +354,8 @@ def evaluate_captioner(
     `train_captions` (the train split's `captions` column) adds the most-frequent-
     training-caption baseline; `shapes_scenes` (`read_scenes`) adds the shapes scores (`score_shapes_captions`).
     `num_beams` / `max_new_tokens` default to the model's generation config. Writes report.json,
-    report.md, captions.jsonl, gallery.html and gallery.png to `output_dir`; returns the report.
+    report.md, captions.jsonl, gallery.html and gallery.png to `output_dir` (for a patches model,
+    with per-word heatmaps of the first `NUM_HEATMAP_IMAGES` gallery images); returns the report.
     Under `accelerate launch`, call it on every process with `processes` (a PartialState): the
     images are shared out, and the main process alone scores, writes and returns the report
     (the others return None).
@@ -370,7 +406,9 @@ def evaluate_captioner(
             key: score_shapes_captions(dict(zip(ids, caps, strict=True)), shapes_scenes)
             for key, caps in scored.items()
         }
-    write_report(Path(output_dir), report, split, captions, num_gallery)
+    heatmap_rows = gallery_rows(split.num_rows, num_gallery)[:NUM_HEATMAP_IMAGES]
+    heatmaps = gallery_heatmaps(model, processor, split, heatmap_rows, **settings)
+    write_report(Path(output_dir), report, split, captions, num_gallery, heatmaps=heatmaps)
     return report
 
 

@@ -4,7 +4,8 @@ One place for turning user images and captions into model inputs: `load_image` r
 PIL mode (and phone photos' EXIF orientation) as RGB, `build_caption_tokenizer` makes the
 default word-level tokenizer from training captions, `load_clip_tokenizer` loads CLIP's BPE
 tokenizer with a pad token distinct from EOS, and `ClipLstmProcessor` bundles a CLIP image
-processor with either tokenizer.
+processor with either tokenizer. `word_heatmaps` draws generated attention weights back over
+the image (here because the Space, which carries this file but not the package, shows them).
 """
 
 from __future__ import annotations
@@ -280,6 +281,128 @@ def image_processor_for(vision_config):
     return image_processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+# ----------------------------------------------------------------------------- where it looked
+
+# Longest side of one word's heatmap: small enough for a row of them under a caption.
+HEATMAP_PIXELS = 128
+# Blue (least attention) -> cyan -> yellow -> red (most), evenly spaced: numpy only, because the
+# Space, which imports this file, carries no matplotlib.
+_HEAT_COLOURS = np.array([[0, 0, 170], [0, 200, 255], [255, 230, 0], [215, 0, 0]], dtype=np.float64)
+
+
+def _processed_geometry(image_size: tuple[int, int], image_processor) -> tuple[tuple[int, int], tuple]:
+    """What `image_processor` does to an image of `image_size` (width, height): the size it resizes
+    it to and the box (left, top, right, bottom) it then crops, both in resized pixels. Follows
+    transformers' resize (`get_resize_output_image_size`, shortest edge) and `center_crop`."""
+    width, height = image_size
+    size, crop = image_processor.size, image_processor.crop_size
+    resized_width, resized_height = width, height
+    if image_processor.do_resize and size.get("shortest_edge"):
+        short = size.get("shortest_edge")
+        if width <= height:
+            resized_width, resized_height = short, int(short * height / width)
+        else:
+            resized_width, resized_height = int(short * width / height), short
+    elif image_processor.do_resize and size.get("height") and size.get("width"):
+        resized_width, resized_height = size.get("width"), size.get("height")
+    left, top, right, bottom = 0, 0, resized_width, resized_height
+    if image_processor.do_center_crop and crop and crop.get("height") and crop.get("width"):
+        # a crop larger than the resized image pads it with black: all of the image is then seen
+        top = max((resized_height - crop["height"]) // 2, 0)
+        left = max((resized_width - crop["width"]) // 2, 0)
+        bottom, right = min(top + crop["height"], resized_height), min(left + crop["width"], resized_width)
+    return (resized_width, resized_height), (left, top, right, bottom)
+
+
+def seen_region(image_size: tuple[int, int], image_processor) -> tuple[float, float, float, float]:
+    """The part of an image of `image_size` (width, height) that `image_processor` keeps, as a box
+    (left, top, right, bottom) in the image's pixels.
+
+    CLIP's processor resizes the shortest side to the tower's size and centre-crops a square, so
+    the model sees the middle of a wide or tall image, never its sides.
+
+    Example:
+        >>> clip = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+        >>> seen_region((300, 200), clip)
+        (50.0, 0.0, 250.0, 200.0)
+    """
+    resized, (left, top, right, bottom) = _processed_geometry(image_size, image_processor)
+    x_scale, y_scale = image_size[0] / resized[0], image_size[1] / resized[1]
+    return (left * x_scale, top * y_scale, right * x_scale, bottom * y_scale)
+
+
+def _heat_colours(heat: np.ndarray) -> np.ndarray:
+    """(H, W) values in 0..1 -> (H, W, 3) RGB floats on the blue-to-red colour map."""
+    anchors = np.linspace(0.0, 1.0, len(_HEAT_COLOURS))
+    return np.stack([np.interp(heat, anchors, _HEAT_COLOURS[:, channel]) for channel in range(3)], axis=-1)
+
+
+def _patch_grids(attentions) -> np.ndarray:
+    """(L, P) weights over CLS + grid x grid patch tokens -> (L, grid, grid) patch weights, CLS left out."""
+    if hasattr(attentions, "detach"):  # a torch tensor, possibly bf16 or on a GPU
+        attentions = attentions.detach().float().cpu().numpy()
+    weights = np.asarray(attentions, dtype=np.float64)
+    grid = int(round((weights.shape[-1] - 1) ** 0.5)) if weights.ndim == 2 else 0
+    if weights.ndim != 2 or grid < 1 or grid * grid != weights.shape[1] - 1:
+        raise ValueError(
+            f"attentions must be (L, 1 + grid**2): one caption's weights over CLS and the patches, "
+            f"got shape {weights.shape}"
+        )
+    return weights[:, 1:].reshape(len(weights), grid, grid)  # CLIP orders patches row by row
+
+
+def word_heatmaps(
+    image: Image.Image,
+    attentions,
+    tokens: list[str | None],
+    image_processor,
+    size: int = HEATMAP_PIXELS,
+) -> list[tuple[Image.Image, str]]:
+    """One small picture per word of a caption, showing where the model looked as it wrote it.
+
+    `attentions` (L, P) are one caption's rows of `generate(..., output_attentions=True).attentions`
+    and `tokens` its L labels from `ClipLstmProcessor.token_labels` (None for BOS, EOS and padding,
+    which get no picture). For each word, the weights on the patch tokens are laid out on the
+    tower's grid, scaled so that the word's most-watched patch is hottest (uniform weights show no
+    hot spot), upsampled smoothly (bicubic) over the part of `image` the model saw
+    (`seen_region`), coloured blue to red and blended with it. The CLS token's weight is left
+    out: it summarises the whole image and has no place on it. Returns (picture, label) pairs,
+    `size` px on the longest side, as a `gr.Gallery` takes them.
+
+    Example:
+        >>> clip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        >>> weights = np.zeros((4, 17))  # BOS, two words, EOS; CLS + a 4 x 4 grid of 8 px patches
+        >>> weights[1, 1] = weights[2, 16] = 1.0  # "red": the top-left patch; "circle": the bottom-right
+        >>> pictures = word_heatmaps(Image.new("RGB", (64, 48), "grey"), weights, [None, "red", "circle", None], clip)
+        >>> [(label, picture.size) for picture, label in pictures]
+        [('red', (128, 128)), ('circle', (128, 128))]
+        >>> (r, g, b), (r_far, g_far, b_far) = pictures[0][0].getpixel((8, 8)), pictures[0][0].getpixel((120, 120))
+        >>> r > 150 > b, b_far > r_far  # "red": red at the top left, the cold blue tint far from it
+        (True, True)
+    """
+    grids = _patch_grids(attentions)
+    if len(tokens) != len(grids):
+        raise ValueError(f"tokens has {len(tokens)} labels but attentions has {len(grids)} rows")
+    _, (left, top, right, bottom) = _processed_geometry(image.size, image_processor)
+    scale = size / max(right - left, bottom - top)  # the crop's shape as the model saw it (square for CLIP)
+    shape = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))  # (W, H)
+    box = seen_region(image.size, image_processor)
+    seen = image.convert("RGB").resize(shape, Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+    pixels = np.asarray(seen, dtype=np.float64)  # (H, W, 3)
+    pictures = []
+    for grid, label in zip(grids, tokens, strict=True):
+        if label is None:
+            continue
+        spread = grid.max() - grid.min()
+        heat = (grid - grid.min()) / spread if spread > 1e-9 else np.zeros_like(grid)
+        smooth = Image.fromarray(heat.astype(np.float32)).resize(shape, Image.Resampling.BICUBIC)
+        heat = np.clip(np.asarray(smooth, dtype=np.float64), 0.0, 1.0)  # bicubic overshoots a little
+        alpha = (0.25 + 0.55 * heat)[..., None]  # the hot spot is more colour, the rest more image
+        blended = pixels * (1.0 - alpha) + _heat_colours(heat) * alpha
+        pictures.append((Image.fromarray(np.rint(blended).astype(np.uint8)), label))
+    return pictures
+
+
 def check_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
     """Refuse a tokenizer whose size differs from the model's vocabulary, naming both sizes.
 
@@ -379,14 +502,38 @@ class ClipLstmProcessor(ProcessorMixin):
         # word-level and BPE decoders leave "dog ." and "shapes :"; captions read "dog." and "shapes:"
         return [_SPACE_BEFORE_PUNCTUATION.sub(r"\1", " ".join(text.split())) for text in texts]
 
-    def _words_and_unknowns(self, ids) -> list[int]:
-        """One id sequence without special tokens, except the unknown token when it is not also EOS
-        (CLIP's BPE uses `<|endoftext|>` for both; it never needs `<unk>`, having byte fallback)."""
+    def _hidden_ids(self) -> set[int]:
+        """The special tokens a caption does not show: all but the unknown token, unless that is also
+        EOS (CLIP's BPE uses `<|endoftext|>` for both; it never needs `<unk>`, having byte fallback)."""
         tokenizer = self.tokenizer
         hidden = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-        hidden |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        return hidden | {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+
+    def _words_and_unknowns(self, ids) -> list[int]:
+        """One id sequence without the special tokens a caption does not show (`_hidden_ids`)."""
+        hidden = self._hidden_ids()
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return [token for token in ids if token not in hidden]
+
+    def token_labels(self, sequence) -> list[str | None]:
+        """A label for each position of one generated id sequence, for `word_heatmaps`: the token as
+        text (a word for the caption tokenizer, a word piece such as 'ele' or 'phant' for CLIP's
+        BPE), None for BOS, EOS and padding, which are not part of the caption.
+
+        Example:
+            processor.token_labels([1, 4, 5, 2, 0])  # <bos> a dog <eos> <pad>
+            # -> [None, 'a', 'dog', None, None]
+        """
+        hidden = self._hidden_ids()
+        ids = sequence.tolist() if hasattr(sequence, "tolist") else list(sequence)
+        decode = self.tokenizer.decode
+        return [
+            None
+            if token in hidden
+            else decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
+            or self.tokenizer.convert_ids_to_tokens(token)
+            for token in ids
+        ]
 
     def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
         """One generated id sequence -> one caption."""
@@ -413,6 +560,8 @@ __all__ = [
     "load_clip_tokenizer",
     "load_image",
     "check_vocabulary",
+    "seen_region",
+    "word_heatmaps",
     "ImageLoadError",
     "VocabularyMismatchError",
 ]

@@ -10,6 +10,9 @@ Settings come from the environment:
     BLIP_MODEL_ID  the baseline, `Salesforce/blip-image-captioning-base` by default.
     BLIP_REVISION  BLIP's Hub revision to pin; default: main.
 A model that cannot be loaded leaves its panel saying why; the other one still captions.
+"Show where it looked" adds one small heatmap per word of our caption (a model trained with
+image_feature="patches" only: a pooled one reads a single vector per image and has nowhere to look),
+drawn by processing.word_heatmaps: the Space carries processing.py, not the project's package.
 
 Our model is loaded with the project's own classes from the files shipped beside this one
 (configuration_clip_lstm.py, modeling_clip_lstm.py, processing.py), never with trust_remote_code:
@@ -47,7 +50,7 @@ from PIL import Image, ImageDraw
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from modeling_clip_lstm import ClipLstmForImageCaptioning
-from processing import ClipLstmProcessor, ImageLoadError, first_line, load_image
+from processing import ClipLstmProcessor, ImageLoadError, first_line, load_image, word_heatmaps
 
 try:  # in a checkout, the offline demo's trained model; a Space carries only the model's own files
     from clip_lstm_captioner.cli import DEMO_MODEL_DIR
@@ -77,6 +80,7 @@ MAX_PIXELS = 40_000_000
 QUEUE_SIZE = 64
 EXAMPLES_DIR = Path(tempfile.gettempdir()) / "clip-lstm-space-examples"
 BEAM_HEADERS = ["rank", "caption", "score"]
+HEATMAP_PIXELS = 128  # each word's heatmap, longest side
 
 TITLE = "CLIP-LSTM captioner vs BLIP"
 DESCRIPTION = f"""# {TITLE}
@@ -117,6 +121,24 @@ def load_ours(model_id: str | None, revision: str | None = None) -> Captioner:
     except Exception as error:  # any failure (missing, offline, bad files) is shown, not raised
         return Captioner(error=f"Could not load our model {model_id!r}: {first_line(error)}")
     return Captioner(model.to(DEVICE).eval(), processor)
+
+
+def heatmaps_unavailable(captioner: Captioner) -> str:
+    """Why "show where it looked" cannot work with `captioner`, in one line; '' when it can.
+
+    Example:
+        heatmaps_unavailable(load_ours("me/clip-lstm-patches"))
+        # -> ''
+    """
+    if captioner.model is None:
+        return "Not available: our model is not loaded."
+    feature = captioner.model.config.image_feature
+    if feature != "patches":
+        return (
+            f"Not available for this model: it reads one {feature!r} vector per image; only a model "
+            "trained with image_feature='patches' looks at parts of it."
+        )
+    return ""
 
 
 def load_blip(model_id: str, revision: str | None = None) -> Captioner:
@@ -265,11 +287,13 @@ def _latency(seconds: float, num_beams: int) -> str:
 
 
 def caption_ours(
-    image: Image.Image, num_beams: int, max_new_tokens: int, show_beams: bool
-) -> tuple[str, str, list]:
-    """Our caption, its status line and the top beams [rank, caption, score] (or [] if not asked)."""
+    image: Image.Image, num_beams: int, max_new_tokens: int, show_beams: bool, show_heatmaps: bool = False
+) -> tuple[str, str, list, list]:
+    """Our caption, its status line, the top beams [rank, caption, score] (or [] if not asked) and the
+    caption's per-word heatmaps [(picture, word)] (or [] if not asked or the model has none)."""
     if OURS.model is None:
-        return "", OURS.error, []
+        return "", OURS.error, [], []
+    heatmaps = bool(show_heatmaps) and not heatmaps_unavailable(OURS)  # asked of a pooled model: ignored
     start = time.perf_counter()
     inputs = OURS.processor(images=[image], return_tensors="pt").to(DEVICE)
     output = OURS.model.generate(
@@ -279,6 +303,7 @@ def caption_ours(
         num_return_sequences=num_beams if show_beams else 1,  # beam search keeps num_beams finished ones
         return_dict_in_generate=True,
         output_scores=True,
+        output_attentions=heatmaps,
     )
     captions = OURS.processor.batch_decode(output.sequences)
     elapsed = time.perf_counter() - start
@@ -287,7 +312,13 @@ def caption_ours(
         [rank, text, round(score, 4)]
         for rank, (text, score) in enumerate(zip(captions, scores, strict=True), 1)
     ]
-    return captions[0] or "(empty caption)", _latency(elapsed, num_beams), beams if show_beams else []
+    pictures = []
+    if heatmaps:  # the best caption's words, each over the part of the image the model saw
+        labels = OURS.processor.token_labels(output.sequences[0])
+        processor = OURS.processor.image_processor
+        pictures = word_heatmaps(image, output.attentions[0], labels, processor, size=HEATMAP_PIXELS)
+    status = _latency(elapsed, num_beams)
+    return captions[0] or "(empty caption)", status, beams if show_beams else [], pictures
 
 
 def caption_blip(image: Image.Image, num_beams: int, max_new_tokens: int) -> tuple[str, str]:
@@ -312,44 +343,57 @@ def _guarded(run, *args) -> tuple:
     except Exception as error:
         logger.exception("captioning failed")
         failed = ("", f"Captioning failed: {first_line(error)}")
-        return failed + ([],) if run is caption_ours else failed
+        return failed + ([], []) if run is caption_ours else failed
 
 
 @gpu  # ZeroGPU: a GPU is attached for each call (a no-op elsewhere)
 def caption(
-    image: dict | None, num_beams: int, max_new_tokens: int, show_beams: bool
-) -> tuple[str, str, str, gr.Dataframe, str, str]:
-    """The Caption button: (notice, our caption, our status, our beams, BLIP caption, BLIP status).
+    image: dict | None, num_beams: int, max_new_tokens: int, show_beams: bool, show_heatmaps: bool = False
+) -> tuple[str, str, str, gr.Dataframe, str, str, gr.Gallery]:
+    """The Caption button: (notice, our caption, our status, our beams, BLIP caption, BLIP status, our
+    per-word heatmaps).
 
     `image` is gradio's raw upload record ({"path": ..., "orig_name": ...}): the button skips gr.Image's
     own preprocessing, which opens the file with PIL and turns a non-image into an opaque server error.
-    Only files gradio received as uploads are opened (`uploaded_file`).
+    Only files gradio received as uploads are opened (`uploaded_file`). `show_heatmaps` is ignored
+    for a model without attention (the checkbox says why it is off).
     """
     empty_beams = gr.Dataframe(value=[], visible=bool(show_beams))
+    no_heatmaps = gr.Gallery(value=[], visible=False)
     ours_line, blip_line = _model_line(MODEL_ID, OURS), _model_line(BLIP_MODEL_ID, BLIP)
+
+    def refused(notice: str) -> tuple:
+        return notice, "", ours_line, empty_beams, "", blip_line, no_heatmaps
+
     if not isinstance(image, dict) or not image.get("path"):
-        return "Upload an image or pick an example first.", "", ours_line, empty_beams, "", blip_line
+        return refused("Upload an image or pick an example first.")
     path = uploaded_file(image)
     if path is None:
-        return f"⚠️ {NOT_UPLOADED}", "", ours_line, empty_beams, "", blip_line
+        return refused(f"⚠️ {NOT_UPLOADED}")
     name = " ".join(str(image.get("orig_name") or path.name).split())  # a caller's text: kept to one line
     try:
         num_beams, max_new_tokens = _check_settings(num_beams, max_new_tokens)
         picture, note = read_image(str(path), name)
     except ValueError as error:  # bad settings, or ImageLoadError (a ValueError): one line either way
-        return f"⚠️ {error}", "", ours_line, empty_beams, "", blip_line
+        return refused(f"⚠️ {error}")
     with torch.inference_mode():
-        ours_caption, ours_status, beams = _guarded(
-            caption_ours, picture, num_beams, max_new_tokens, bool(show_beams)
+        ours_caption, ours_status, beams, heatmaps = _guarded(
+            caption_ours, picture, num_beams, max_new_tokens, bool(show_beams), bool(show_heatmaps)
         )
         blip_caption, blip_status = _guarded(caption_blip, picture, num_beams, max_new_tokens)
     beam_table = gr.Dataframe(value=beams, headers=BEAM_HEADERS, visible=bool(show_beams))
-    return note, ours_caption, ours_status, beam_table, blip_caption, blip_status
+    gallery = gr.Gallery(value=heatmaps, visible=bool(heatmaps))
+    return note, ours_caption, ours_status, beam_table, blip_caption, blip_status, gallery
 
 
 def toggle_beams(show_beams: bool) -> gr.Dataframe:
     """The 'show top beams' checkbox: show or hide the beam table."""
     return gr.Dataframe(visible=show_beams)
+
+
+def hide_heatmaps(show_heatmaps: bool) -> gr.Gallery:
+    """The 'show where it looked' checkbox: unticked, the heatmaps go; ticked, the next caption brings them."""
+    return gr.Gallery() if show_heatmaps else gr.Gallery(value=[], visible=False)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -374,6 +418,12 @@ with gr.Blocks(title=TITLE, delete_cache=(86400, 86400)) as demo:
             show_beams = gr.Checkbox(
                 label="Show our top beams with their scores (length-normalised log-probability)"
             )
+            show_heatmaps = gr.Checkbox(
+                label="Show where it looked: one small image per word of our caption",
+                info=heatmaps_unavailable(OURS) or None,
+                interactive=not heatmaps_unavailable(OURS),
+                elem_id="show-heatmaps",
+            )
             run_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
         with gr.Column():
             notice = gr.Markdown(elem_id="notice")
@@ -381,6 +431,16 @@ with gr.Blocks(title=TITLE, delete_cache=(86400, 86400)) as demo:
             ours_status = gr.Markdown(_model_line(MODEL_ID, OURS), elem_id="ours-status")
             ours_beams = gr.Dataframe(
                 headers=BEAM_HEADERS, label="Our top beams", visible=False, interactive=False
+            )
+            ours_heatmaps = gr.Gallery(
+                label="Where it looked, word by word (red: most attention)",
+                visible=False,
+                columns=5,
+                height="auto",
+                object_fit="contain",
+                format="png",
+                interactive=False,
+                elem_id="ours-heatmaps",
             )
             blip_caption = gr.Textbox(label="BLIP", interactive=False, elem_id="blip-caption")
             blip_status = gr.Markdown(_model_line(BLIP_MODEL_ID, BLIP), elem_id="blip-status")
@@ -390,12 +450,13 @@ with gr.Blocks(title=TITLE, delete_cache=(86400, 86400)) as demo:
 
     run_button.click(
         caption,
-        inputs=[image, num_beams, max_new_tokens, show_beams],
-        outputs=[notice, ours_caption, ours_status, ours_beams, blip_caption, blip_status],
+        inputs=[image, num_beams, max_new_tokens, show_beams, show_heatmaps],
+        outputs=[notice, ours_caption, ours_status, ours_beams, blip_caption, blip_status, ours_heatmaps],
         api_name="caption",
         preprocess=False,  # see caption(): we read the upload ourselves, to answer bad files in one line
     )
     show_beams.change(toggle_beams, inputs=show_beams, outputs=ours_beams, api_visibility="private")
+    show_heatmaps.change(hide_heatmaps, inputs=show_heatmaps, outputs=ours_heatmaps, api_visibility="private")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ OURS, BLIP, BASELINE = "ours", "blip", "most_frequent_caption"
 VERSIONED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "pycocoevalcap")
 THUMBNAIL_PIXELS = 256  # longest side of a gallery thumbnail
 REPORT_FILES = ("report.json", "report.md", "captions.jsonl", "gallery.html", "gallery.png")
+HEATMAPS_DIR = "gallery-heatmaps"  # beside gallery.html: the per-word pictures it links to
 
 
 def package_versions() -> dict[str, str]:
@@ -160,8 +161,20 @@ def _thumbnail_base64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _heatmaps_html(heatmaps: list[tuple[str, str]]) -> str:
+    """The 'where it looked' strip of one gallery image: each (relative picture path, word)."""
+    if not heatmaps:
+        return ""
+    words = "".join(
+        f'<span class="word"><img src="{html.escape(src)}" alt="{html.escape(word)}">{html.escape(word)}</span>'
+        for src, word in heatmaps
+    )
+    return f'<dt>where ours looked, word by word</dt><dd class="words">{words}</dd>'
+
+
 def write_gallery_html(path: Path, title: str, items: list[dict]) -> None:
-    """A self-contained page: each image as a base64 JPEG with each model's caption and the references."""
+    """One page: each image as a base64 JPEG with each model's caption and the references, and the
+    per-word heatmaps (`item["heatmaps"]`: picture paths relative to the page) where there are some."""
     figures = []
     for item in items:
         captions = "".join(
@@ -172,13 +185,16 @@ def write_gallery_html(path: Path, title: str, items: list[dict]) -> None:
         figures.append(
             f'<figure><img src="data:image/jpeg;base64,{_thumbnail_base64(item["image"])}" '
             f'alt="{html.escape(item["image_id"])}"><figcaption><b>{html.escape(item["image_id"])}</b>'
-            f"<dl>{captions}<dt>references</dt><dd><ul>{references}</ul></dd></dl></figcaption></figure>"
+            f"<dl>{captions}{_heatmaps_html(item.get('heatmaps', []))}"
+            f"<dt>references</dt><dd><ul>{references}</ul></dd></dl></figcaption></figure>"
         )
     style = (
         "body{font-family:sans-serif;margin:1.5em}"
         ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:1em}"
         "figure{margin:0;padding:.5em;border:1px solid #ddd;border-radius:6px}img{max-width:100%}"
         "dt{font-weight:bold;margin-top:.4em}dd{margin-left:.8em}ul{padding-left:1.1em;margin:0}"
+        ".words{display:flex;flex-wrap:wrap;gap:.3em}.word{display:flex;flex-direction:column;"
+        "align-items:center;font-size:.85em}.word img{width:64px}"
     )
     write_text_atomic(
         path,
@@ -216,30 +232,67 @@ def write_gallery_png(path: Path, title: str, items: list[dict]) -> None:
         figure.savefig(file, format="png", dpi=90)
 
 
+def write_heatmaps(folder: Path, index: int, pictures: list) -> list[tuple[str, str]]:
+    """Save one gallery image's per-word heatmaps [(PIL picture, word)] as `HEATMAPS_DIR`/II-WW.png
+    (gallery position, word position); returns [(path relative to `folder`, word)]."""
+    saved = []
+    for position, (picture, word) in enumerate(pictures):
+        relative = f"{HEATMAPS_DIR}/{index:02d}-{position:02d}.png"
+        with atomic_write(folder / relative, "wb") as file:
+            picture.save(file, format="PNG")
+        saved.append((relative, word))
+    return saved
+
+
+def _remove_old_heatmaps(folder: Path) -> None:
+    """An earlier run's pictures in `HEATMAPS_DIR` (ours by their name), so no stale one lingers."""
+    old = folder / HEATMAPS_DIR
+    for picture in old.glob("[0-9][0-9]-[0-9][0-9].png") if old.is_dir() else ():
+        picture.unlink()
+    with contextlib.suppress(OSError):  # absent, or holding someone else's files: left alone
+        old.rmdir()
+
+
 def write_gallery(
-    folder: Path, title: str, split: datasets.Dataset, captions: dict, num_gallery: int
+    folder: Path,
+    title: str,
+    split: datasets.Dataset,
+    captions: dict,
+    num_gallery: int,
+    heatmaps: dict | None = None,
 ) -> None:
-    """gallery.html and gallery.png for `num_gallery` images spread over the split."""
+    """gallery.html and gallery.png for `num_gallery` images spread over the split; `heatmaps`
+    ({row: [(picture, word), ...]}, from a patches model) are saved in `HEATMAPS_DIR` and shown in
+    gallery.html under their image's captions."""
+    heatmaps = heatmaps or {}
+    _remove_old_heatmaps(folder)
     items = [
         {
             "image": split[row]["image"],
             "image_id": split[row]["image_id"],
             "references": split[row]["captions"],
             "captions": {display_name(key): caps[row] for key, caps in captions.items()},
+            "heatmaps": write_heatmaps(folder, index, heatmaps.get(row, [])),
         }
-        for row in gallery_rows(split.num_rows, num_gallery)
+        for index, row in enumerate(gallery_rows(split.num_rows, num_gallery))
     ]
     write_gallery_html(folder / "gallery.html", title, items)
     write_gallery_png(folder / "gallery.png", title, items)
 
 
 def write_report(
-    folder: Path, report: dict, split: datasets.Dataset, captions: dict, num_gallery: int
+    folder: Path,
+    report: dict,
+    split: datasets.Dataset,
+    captions: dict,
+    num_gallery: int,
+    heatmaps: dict | None = None,
 ) -> None:
-    """Write every file of `REPORT_FILES` into `folder`: the numbers, every caption, the gallery."""
+    """Write every file of `REPORT_FILES` into `folder`: the numbers, every caption, the gallery
+    (with `heatmaps`, {row: [(picture, word), ...]}, in gallery.html and `HEATMAPS_DIR`)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(folder / "report.md", render_markdown(report))
     write_captions_jsonl(folder / "captions.jsonl", split["image_id"], split["captions"], captions)
     title = f"{report['dataset']} {report['split']}: captions and references"
-    write_gallery(folder, title, split, captions, num_gallery)
+    write_gallery(folder, title, split, captions, num_gallery, heatmaps)

@@ -167,11 +167,12 @@ def test_captions_from_image_files_equal_captions_from_cached_embeddings(evaluat
 class _GalleryParser(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images, self.terms = [], []
+        self.images, self.alts, self.terms = [], [], []
 
     def handle_starttag(self, tag, attrs):
         if tag == "img":
             self.images.append(dict(attrs)["src"])
+            self.alts.append(dict(attrs).get("alt"))
 
     def handle_data(self, text):
         self.terms.append(text)
@@ -237,17 +238,17 @@ def test_push_to_hub_publishes_the_report_as_model_index(demo_run, tmp_path, mon
     assert index[0]["results"][0]["dataset"]["split"] == "test"
 
 
-def dataset_without_references(folder: Path, test_captions=()) -> datasets.DatasetDict:
+def dataset_without_references(folder: Path, test_captions=(), num_images: int = 2) -> datasets.DatasetDict:
     """A Hub-style dataset (one row per image, a `caption` list column) whose test split has no captions
-    (or `test_captions` for each image)."""
+    (or `test_captions` for each image); `num_images` images per split, each a different red."""
     folder.mkdir()
     raw = {}
     splits = (("train", ["a red square"]), ("validation", ["a red square"]), ("test", list(test_captions)))
     for split, captions in splits:
         paths = []
-        for index in range(2):
+        for index in range(num_images):
             path = folder / f"{split}{index}.png"
-            Image.new("RGB", (40, 30), (200, 30, 30)).save(path)
+            Image.new("RGB", (40, 30), (200 - 20 * index, 30, 30 + 20 * index)).save(path)
             paths.append(str(path))
         rows = {"image": paths, "caption": [list(captions) for _ in paths]}
         raw[split] = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
@@ -366,3 +367,47 @@ def test_num_beams_has_an_upper_bound(tiny_run, num_beams, capsys):
     assert raised.value.code == 2
     assert f"--num_beams: must be at most 64, got {num_beams}" in capsys.readouterr().err
     assert not output_dir.exists()
+
+
+# ----------------------------------------------------------------------------- where a patches model looked
+
+
+def gallery_figures(html: str) -> list[list[tuple[str, str]]]:
+    """Each gallery figure's images as (src, alt): its thumbnail first, then its heatmap pictures."""
+    parser = _GalleryParser()
+    parser.feed(html)
+    figures = []
+    for src, alt in zip(parser.images, parser.alts, strict=True):
+        if src.startswith("data:"):
+            figures.append([(src, alt)])
+        else:
+            figures[-1].append((src, alt))
+    return figures
+
+
+def test_gallery_shows_where_a_patches_model_looked_for_its_first_images(tmp_path, monkeypatch):
+    splits = dataset_without_references(tmp_path / "images", ["a red square", "a red circle"], num_images=6)
+    monkeypatch.setattr(data, "dataset_from_args", lambda args: splits)
+    output_dir = tmp_path / "eval"
+    argv = ["--output_dir", str(output_dir), "--no_cache", "--no_meteor", "--num_workers", "0"]
+    argv += ["--num_beams", "2", "--max_new_tokens", "5", "--num_gallery", "6"]
+    model_dir = save_peaked_captioner(tmp_path / "patches", image_feature="patches")
+    evaluate_model.main(["--model", str(model_dir), *argv])
+    figures = gallery_figures((output_dir / "gallery.html").read_text())
+    captions = [line["ours"] for line in read_jsonl(output_dir / "captions.jsonl")]
+    tokenizer = load_captioner(str(model_dir))[1].tokenizer
+    assert len(figures) == 6 and all(figure[1:] == [] for figure in figures[4:])  # the first four only
+    for index, (figure, caption) in enumerate(zip(figures[:4], captions, strict=False)):
+        words = tokenizer.tokenize(caption)
+        assert words and [alt for _, alt in figure[1:]] == words  # one picture per word of the caption shown
+        for position, (src, _) in enumerate(figure[1:]):
+            assert src == f"gallery-heatmaps/{index:02d}-{position:02d}.png"
+            with Image.open(output_dir / src) as picture:
+                assert picture.format == "PNG" and picture.size == (128, 128)
+    assert len(list((output_dir / "gallery-heatmaps").iterdir())) == len(sum((f[1:] for f in figures), []))
+    # A pooled model evaluated into the same folder: the gallery as before, no stale pictures left.
+    pooled_dir = save_peaked_captioner(tmp_path / "pooled")
+    evaluate_model.main(["--model", str(pooled_dir), *argv])
+    figures = gallery_figures((output_dir / "gallery.html").read_text())
+    assert len(figures) == 6 and all(len(figure) == 1 for figure in figures)
+    assert not (output_dir / "gallery-heatmaps").exists()

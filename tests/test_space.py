@@ -54,6 +54,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     images = root / "images"
     images.mkdir()
     paths = {"ours": save_peaked_captioner(root / "ours"), "blip": save_tiny_blip(root / "blip")}
+    paths["patches"] = save_peaked_captioner(root / "patches", image_feature="patches")
     for name, colour in (("red", (200, 30, 30)), ("blue", (30, 40, 210))):
         paths[name] = images / f"{name}.png"
         coloured_image(colour, size=(64, 48)).save(paths[name])
@@ -91,12 +92,18 @@ def expected_caption(folder: Path, image_path: Path, num_beams=BEAMS, max_new_to
     return caption_files(folder, [image_path], num_beams=num_beams, max_new_tokens=max_new_tokens)[0]
 
 
-def ask(client: Client, image, num_beams=BEAMS, show_beams=False) -> dict:
-    notice, ours, ours_status, beams, blip, blip_status = client.predict(
-        image, num_beams, MAX_NEW_TOKENS, show_beams, api_name="/caption"
+def ask(client: Client, image, num_beams=BEAMS, show_beams=False, show_heatmaps=False) -> dict:
+    notice, ours, ours_status, beams, blip, blip_status, heatmaps = client.predict(
+        image, num_beams, MAX_NEW_TOKENS, show_beams, show_heatmaps, api_name="/caption"
     )
     return dict(
-        notice=notice, ours=ours, ours_status=ours_status, beams=beams, blip=blip, blip_status=blip_status
+        notice=notice,
+        ours=ours,
+        ours_status=ours_status,
+        beams=beams,
+        blip=blip,
+        blip_status=blip_status,
+        heatmaps=heatmaps,
     )
 
 
@@ -158,6 +165,37 @@ def test_huge_images_are_downscaled_and_bombs_refused(client, tmp_path):
     Image.new("1", (20000, 10000)).save(bomb)  # 200 MP of zeros: a few kB on disk
     answer = ask(client, handle_file(bomb))
     assert answer["notice"].startswith("⚠️ bomb.png: too large to decode") and answer["ours"] == ""
+
+
+def heatmap_labels(answer: dict) -> list[str]:
+    """The words under the 'where it looked' pictures, after checking that each picture opens."""
+    gallery = answer["heatmaps"]
+    for item in gallery["value"]:
+        with Image.open(item["image"]) as picture:
+            assert picture.size == (128, 128), picture.size  # the tiny tower's square crop, 128 px
+    return [item["caption"] for item in gallery["value"]]
+
+
+def test_where_it_looked_shows_one_picture_per_word_of_a_patches_model(app, client, folders, monkeypatch):
+    module, _ = app
+    monkeypatch.setattr(module, "OURS", module.load_ours(str(folders["patches"])))
+    assert module.heatmaps_unavailable(module.OURS) == ""
+    answer = ask(client, handle_file(folders["red"]), show_heatmaps=True)
+    expected = expected_caption(folders["patches"], folders["red"])
+    assert answer["notice"] == "" and answer["ours"] == expected and answer["heatmaps"]["visible"] is True
+    words = module.OURS.processor.tokenizer.tokenize(expected)
+    assert words and heatmap_labels(answer) == words  # one picture per word, labelled with it
+    plain = ask(client, handle_file(folders["red"]))  # the option off: the same caption, no pictures
+    assert plain["ours"] == expected and heatmap_labels(plain) == [] and plain["heatmaps"]["visible"] is False
+
+
+def test_where_it_looked_is_harmless_for_a_pooled_model(app, client, folders):
+    module, _ = app
+    reason = module.heatmaps_unavailable(module.OURS)  # the checkbox's one line, and it is not clickable
+    assert reason.startswith("Not available for this model") and "\n" not in reason
+    answer = ask(client, handle_file(folders["red"]), show_beams=True, show_heatmaps=True)
+    assert answer["notice"] == "" and answer["ours"] == expected_caption(folders["ours"], folders["red"])
+    assert len(answer["beams"]["value"]["data"]) == BEAMS and heatmap_labels(answer) == []
 
 
 def test_an_unavailable_model_leaves_the_other_captioning(app, client, folders, tmp_path, monkeypatch):
@@ -236,9 +274,9 @@ def server_paths(folders: dict, tmp_path: Path, fifo: Path) -> dict[str, str]:
 def test_only_uploaded_files_are_opened_whatever_path_a_caller_sends(app, client, folders, tmp_path, fifo):
     _, base = app
     for what, path in server_paths(folders, tmp_path, fifo).items():
-        event, answer, seconds = call_raw(base, [{"path": path}, BEAMS, MAX_NEW_TOKENS, False])
+        event, answer, seconds = call_raw(base, [{"path": path}, BEAMS, MAX_NEW_TOKENS, False, False])
         assert event == "complete", (what, event, answer)
-        notice, ours, _, _, blip, _ = answer
+        notice, ours, _, _, blip, _, _ = answer
         assert notice == NOT_UPLOADED_NOTICE, (what, notice)
         assert ours == "" and blip == "" and seconds < 15, (what, ours, seconds)
     # The same through gradio_client, with an untagged dict as the image.
@@ -246,6 +284,19 @@ def test_only_uploaded_files_are_opened_whatever_path_a_caller_sends(app, client
     # The server still answers, and a real upload still captions.
     answer = ask(client, handle_file(folders["red"]))
     assert answer["notice"] == "" and answer["ours"] == expected_caption(folders["ours"], folders["red"])
+
+
+def test_asking_where_it_looked_opens_no_file_that_was_not_uploaded(app, client, folders, monkeypatch):
+    """The option adds a second use of the image (the pictures): still only uploads are opened."""
+    module, base = app
+    monkeypatch.setattr(module, "OURS", module.load_ours(str(folders["patches"])))
+    for path in ("/etc/passwd", str(folders["red"])):  # a system file; an image elsewhere on the server
+        event, answer, seconds = call_raw(base, [{"path": path}, BEAMS, MAX_NEW_TOKENS, False, True])
+        notice, ours, _, _, blip, _, heatmaps = answer
+        assert event == "complete" and notice == NOT_UPLOADED_NOTICE, (path, answer)
+        assert ours == "" and blip == "" and heatmaps["value"] == [] and seconds < 15
+    assert ask(client, {"path": str(folders["red"])}, show_heatmaps=True)["notice"] == NOT_UPLOADED_NOTICE
+    assert heatmap_labels(ask(client, handle_file(folders["red"]), show_heatmaps=True))  # an upload: pictures
 
 
 # ----------------------------------------------------------------------------- the deployed shape

@@ -127,8 +127,9 @@ def model_for_tokenizer(tokenizer, seed: int = 0, **overrides) -> ClipLstmForIma
     return tiny_model(seed, **ids, **overrides)
 
 
-def peaked_captioner(seed: int = 0, eos_bias: float = -1.0):
-    """A peaked (image-dependent) tiny model and its processor; captions are rarely empty."""
+def peaked_captioner(seed: int = 0, eos_bias: float = -1.0, **overrides):
+    """A peaked (image-dependent) tiny model and its processor; captions are rarely empty.
+    `overrides` are config fields (e.g. `image_feature="patches"`)."""
     processor = tiny_processor()
     tokenizer = processor.tokenizer
     ids = dict(
@@ -136,11 +137,11 @@ def peaked_captioner(seed: int = 0, eos_bias: float = -1.0):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return peaked_model(seed, eos_bias=eos_bias, vocab_size=len(tokenizer), **ids), processor
+    return peaked_model(seed, eos_bias=eos_bias, vocab_size=len(tokenizer), **ids, **overrides), processor
 
 
-def save_peaked_captioner(folder: Path) -> Path:
-    model, processor = peaked_captioner()
+def save_peaked_captioner(folder: Path, **overrides) -> Path:
+    model, processor = peaked_captioner(**overrides)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
