@@ -931,9 +931,9 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             ...                      return_dict_in_generate=True, output_scores=True)
             >>> out.sequences_scores.shape
             torch.Size([4])
-            >>> out = model.generate(pixel_values, repetition_penalty=1.5, return_dict_in_generate=True,
+            >>> out = model.generate(pixel_values, num_beams=1, repetition_penalty=1.5, return_dict_in_generate=True,
             ...                      output_scores=True)  # transformers' search
-            >>> len(out.scores) == out.sequences.shape[1] - 1  # one (B * num_beams, V) tensor per step
+            >>> len(out.scores) == out.sequences.shape[1] - 1  # greedy: one (B, V) tensor per written column
             True
         """
         _check_positional_arguments(pixel_values, generation_config)
