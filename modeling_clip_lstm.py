@@ -1002,8 +1002,8 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
     def _greedy_or_sample(self, image_embeds: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """One hypothesis per (image, return sequence); a caption leaves the batch when it writes EOS."""
         config = self.config
-        image_embeds = image_embeds.repeat_interleave(gen.num_return_sequences, dim=0)
-        batch, device = image_embeds.shape[0], image_embeds.device
+        copies = gen.num_return_sequences
+        batch, device = len(image_embeds) * copies, image_embeds.device
         sequences = torch.full(
             (batch, gen.max_new_tokens + 1), config.pad_token_id, dtype=torch.long, device=device
         )
@@ -1015,7 +1015,11 @@ class ClipLstmForImageCaptioning(ClipLstmPreTrainedModel):
             live_attentions = attentions.clone()
         rows = torch.arange(batch, device=device)  # the captions still being written
         live, total = sequences.clone(), scores.clone()
-        state, memory = self.decoder.start(image_embeds)  # one row per caption: memory is per row
+        # the image step runs once per image; each caption gets a copy of its state and memory, since
+        # captions of one image leave the batch at different steps
+        state, memory = self.decoder.start(image_embeds)
+        state = tuple(s.repeat_interleave(copies, dim=1) for s in state)
+        memory = None if memory is None else tuple(m.repeat_interleave(copies, dim=0) for m in memory)
         for step in range(gen.max_new_tokens):
             logits, state, weights = self.decoder.step(live[:, step], state, memory)
             masked, normaliser = self._next_token_scores(logits, live[:, : step + 1], step, gen)
