@@ -57,6 +57,12 @@ class ClipLstmConfig(PretrainedConfig):
             Token that ends every caption; a training target.
         attention_dim (`int`, *optional*, defaults to 256):
             Width of the attention's queries and keys (only used with `image_feature="patches"`).
+        attention_heads (`int`, *optional*, defaults to 1):
+            Heads of that attention: the queries and keys are split into `attention_heads` parts of
+            `attention_dim / attention_heads`, the projected tokens (the values) into parts of
+            `embed_dim / attention_heads`, and each head reads its own part of every token, so one step
+            can look at several places at once (an object's outline rather than one patch of it). No
+            extra weights: a model saved with 1 head loads with 1 head. `train_accelerate.py` uses 8.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialiser of linear and embedding weights.
         kwargs:
@@ -86,6 +92,7 @@ class ClipLstmConfig(PretrainedConfig):
         bos_token_id: int = 49406,
         eos_token_id: int = 49407,
         attention_dim: int = 256,
+        attention_heads: int = 1,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -106,6 +113,7 @@ class ClipLstmConfig(PretrainedConfig):
         self.dropout = dropout
         self.vocab_size = vocab_size
         self.attention_dim = attention_dim
+        self.attention_heads = attention_heads
         self.initializer_range = initializer_range
         kwargs.setdefault(
             "custom_pipelines", copy.deepcopy(CUSTOM_PIPELINES)
@@ -143,10 +151,23 @@ class ClipLstmConfig(PretrainedConfig):
     def _validate(self) -> None:
         if self.image_feature not in IMAGE_FEATURES:
             raise ValueError(f"image_feature must be one of {IMAGE_FEATURES}, got {self.image_feature!r}")
-        for name in ("embed_dim", "hidden_size", "num_layers", "vocab_size", "attention_dim"):
+        for name in (
+            "embed_dim",
+            "hidden_size",
+            "num_layers",
+            "vocab_size",
+            "attention_dim",
+            "attention_heads",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        patches = self.image_feature == "patches"
+        if patches and (self.attention_dim % self.attention_heads or self.embed_dim % self.attention_heads):
+            raise ValueError(
+                f"attention_heads ({self.attention_heads}) must divide attention_dim ({self.attention_dim}) "
+                f"and embed_dim ({self.embed_dim})"
+            )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.initializer_range) > 0.0:

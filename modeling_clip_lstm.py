@@ -109,30 +109,41 @@ class ClipLstmGenerateOutput(ModelOutput):
 
 
 class ClipLstmAttention(nn.Module):
-    """Soft attention of the LSTM's output over one image's tokens: one head, scaled dot product.
+    """Soft attention of the LSTM's output over one image's tokens: scaled dot product, `attention_heads` heads.
 
     The query is the LSTM output h_t of the step that writes the next word (as in Lu et al. 2017,
     "Knowing When to Look", rather than Show, Attend and Tell's h_{t-1}), so teacher forcing runs
     the LSTM over the whole caption in one call and attends for every step at once; the context
-    and h_t meet in a tanh layer that feeds the output head (Luong et al. 2015).
+    and h_t meet in a tanh layer that feeds the output head (Luong et al. 2015). Each head reads its
+    own slice of the projected tokens, so the context is still `embed_dim` wide; one soft average
+    of the tokens loses where things are relative to each other (which a shape is), several do not.
     """
 
     def __init__(self, config: ClipLstmConfig):
         super().__init__()
+        self.heads = config.attention_heads
         self.query = nn.Linear(config.hidden_size, config.attention_dim, bias=False)
         self.key = nn.Linear(config.embed_dim, config.attention_dim, bias=False)
         self.output = nn.Linear(config.hidden_size + config.embed_dim, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor, values: torch.Tensor, keys: torch.Tensor):
         """hidden (N, T, H), N = B * G rows image-major (G beams or samples per image); values (B, P, E)
-        and keys (B, P, A) per image -> attended outputs (N, T, H) and weights (N, T, P)."""
+        and keys (B, P, A) per image -> attended outputs (N, T, H) and weights (N, T, P), the mean
+        over heads."""
         rows, steps, _ = hidden.shape
         batch, tokens, width = keys.shape
-        queries = self.query(hidden).reshape(batch, -1, width)  # (B, G*T, A): an image's rows together
-        weights = (queries @ keys.transpose(1, 2) / math.sqrt(width)).softmax(-1)  # (B, G*T, P)
-        context = (weights @ values).reshape(rows, steps, -1)  # (N, T, E)
+        heads, head_width = self.heads, width // self.heads
+
+        def split(x):  # (B, M, heads * w) -> (B, heads, M, w)
+            return x.reshape(batch, x.shape[1], heads, -1).transpose(1, 2)
+
+        queries = split(self.query(hidden).reshape(batch, -1, width))  # an image's G*T rows together
+        weights = (queries @ split(keys).transpose(2, 3) / math.sqrt(head_width)).softmax(
+            -1
+        )  # (B, h, G*T, P)
+        context = (weights @ split(values)).transpose(1, 2).reshape(rows, steps, -1)  # (N, T, E)
         attended = torch.tanh(self.output(torch.cat([hidden, context], dim=-1)))
-        return attended, weights.reshape(rows, steps, tokens)
+        return attended, weights.mean(1).reshape(rows, steps, tokens)
 
 
 class ClipLstmDecoder(nn.Module):

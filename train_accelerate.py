@@ -102,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--image_feature", choices=IMAGE_FEATURES, default="pooled",
                        help="CLIP feature fed to the decoder: pooled CLS token, projected embedding, or "
                        "patches: the tower's final tokens, attended over at every step (cached in float16).")
+    model.add_argument("--attention_heads", type=positive_int, default=8,
+                       help="Heads of the attention over the tokens with --image_feature patches (default 8; "
+                       "must divide --embed_dim and 256, the attention width).")
     model.add_argument("--no_normalize_image_embeds", action="store_true",
                        help="Feed the CLIP feature unnormalised (default: L2-normalised inside the model).")
     model.add_argument("--tokenizer", default="captions",
@@ -168,6 +171,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would read; "
                      "pass one of them")
+    if args.image_feature == "patches" and (args.embed_dim % args.attention_heads or 256 % args.attention_heads):
+        parser.error(f"--attention_heads {args.attention_heads} must divide --embed_dim ({args.embed_dim}) "
+                     "and 256 (the attention width)")
     return args
 
 
@@ -207,7 +213,8 @@ def vision_source(args, train_split, tokenizer) -> str:
 def build_model(args, tokenizer, vision_model: str) -> ClipLstmForImageCaptioning:
     """The captioner around the chosen CLIP tower, with the decoder sized by the flags."""
     decoder = dict(
-        image_feature=args.image_feature, normalize_image_embeds=not args.no_normalize_image_embeds,
+        image_feature=args.image_feature, attention_heads=args.attention_heads,
+        normalize_image_embeds=not args.no_normalize_image_embeds,
         embed_dim=args.embed_dim, hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout,
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -1,5 +1,8 @@
 """ClipLstmConfig and ClipLstmForImageCaptioning.forward: shapes, alignment, loss, frozen tower."""
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +10,7 @@ from tiny import BOS, EOS, PAD, TINY_VISION, image_embeds, tiny_config, tiny_mod
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
 from configuration_clip_lstm import ClipLstmConfig
-from modeling_clip_lstm import ClipLstmForImageCaptioning
+from modeling_clip_lstm import ClipLstmAttention, ClipLstmForImageCaptioning
 
 # ----------------------------------------------------------------------------- config
 
@@ -61,11 +64,47 @@ def test_pad_equal_to_eos_is_rejected():
         (dict(bos_token_id=99), "bos_token_id"),
         (dict(bos_token_id=PAD), "bos_token_id"),
         (dict(vision_config=3), "vision_config"),
+        (dict(attention_heads=0), "attention_heads"),
+        (dict(image_feature="patches", attention_heads=3), "attention_heads"),  # 3 does not divide 16
     ],
 )
 def test_bad_config_values_raise_naming_the_value(overrides, named):
     with pytest.raises(ValueError, match=named):
         tiny_config(**overrides)
+
+
+def test_a_config_saved_before_attention_heads_existed_loads_with_one_head(tmp_path):
+    tiny_config(image_feature="patches").save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["attention_heads"]  # as written by the release that introduced patches
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert ClipLstmConfig.from_pretrained(tmp_path).attention_heads == 1
+
+
+def test_each_attention_head_reads_its_own_slice_of_the_tokens():
+    # the batched multi-head attention against a per-head loop written from the definition
+    torch.manual_seed(0)
+    config = tiny_config(image_feature="patches", attention_heads=4, attention_dim=8)
+    attention = ClipLstmAttention(config)
+    batch, group, steps, tokens = 2, 3, 4, 5
+    hidden = torch.randn(batch * group, steps, config.hidden_size)
+    values = torch.randn(batch, tokens, config.embed_dim)
+    keys = attention.key(values)
+    attended, weights = attention(hidden, values, keys)
+    queries = attention.query(hidden)
+    for row in range(batch * group):
+        image = row // group
+        contexts, head_weights = [], []
+        for head in range(4):
+            q = queries[row, :, 2 * head : 2 * head + 2]  # attention_dim 8 / 4 heads
+            k = keys[image, :, 2 * head : 2 * head + 2]
+            v = values[image, :, 4 * head : 4 * head + 4]  # embed_dim 16 / 4 heads
+            w = (q @ k.T / math.sqrt(2)).softmax(-1)
+            contexts.append(w @ v)
+            head_weights.append(w)
+        expected = torch.tanh(attention.output(torch.cat([hidden[row], *contexts], dim=-1)))
+        torch.testing.assert_close(attended[row], expected)
+        torch.testing.assert_close(weights[row], torch.stack(head_weights).mean(0))
 
 
 # ----------------------------------------------------------------------------- forward

@@ -393,6 +393,18 @@ def test_bad_flag_values_are_named_before_any_work(tmp_path, capsys, flag, value
     assert not (tmp_path / "run").exists()  # nothing was created
 
 
+def test_attention_heads_that_do_not_divide_the_widths_are_named_before_any_work(tmp_path, capsys):
+    args = tiny_run_args(tmp_path / "no-such-dataset", tmp_path / "run")
+    with pytest.raises(SystemExit) as exited:
+        train_accelerate.main(args + ["--image_feature", "patches", "--attention_heads", "3"])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("train_accelerate.py: error: --attention_heads 3 must divide --embed_dim"), last
+    assert not (tmp_path / "run").exists()
+    pooled = train_accelerate.parse_args(args + ["--attention_heads", "3"])  # unused: no error
+    assert pooled.attention_heads == 3
+
+
 def test_overwrite_and_resume_together_are_refused(tmp_path, capsys):
     args = tiny_run_args(tmp_path / "data", tmp_path / "run", "--overwrite_output_dir")
     with pytest.raises(SystemExit):
