@@ -62,7 +62,7 @@ class ClipLstmConfig(PretrainedConfig):
             `attention_dim / attention_heads`, the projected tokens (the values) into parts of
             `embed_dim / attention_heads`, and each head reads its own part of every token, so one step
             can look at several places at once (an object's outline rather than one patch of it). No
-            extra weights: a model saved with 1 head loads with 1 head. `train_accelerate.py` uses 8.
+            extra weights: a model saved with 1 head loads with 1 head. `train_accelerate.py` uses 16.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialiser of linear and embedding weights.
         kwargs:

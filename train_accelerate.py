@@ -102,8 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--image_feature", choices=IMAGE_FEATURES, default="pooled",
                        help="CLIP feature fed to the decoder: pooled CLS token, projected embedding, or "
                        "patches: the tower's final tokens, attended over at every step (cached in float16).")
-    model.add_argument("--attention_heads", type=positive_int, default=8,
-                       help="Heads of the attention over the tokens with --image_feature patches (default 8; "
+    model.add_argument("--attention_heads", type=positive_int, default=16,
+                       help="Heads of the attention over the tokens with --image_feature patches (default 16; "
                        "must divide --embed_dim and 256, the attention width).")
     model.add_argument("--no_normalize_image_embeds", action="store_true",
                        help="Feed the CLIP feature unnormalised (default: L2-normalised inside the model).")
