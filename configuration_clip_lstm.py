@@ -63,6 +63,13 @@ class ClipLstmConfig(PretrainedConfig):
             `embed_dim / attention_heads`, and each head reads its own part of every token, so one step
             can look at several places at once (an object's outline rather than one patch of it). No
             extra weights: a model saved with 1 head loads with 1 head. `train_accelerate.py` uses 16.
+        layout_dim (`int`, *optional*, defaults to 0):
+            With `"patches"`, a summary of where everything is: each projected token is cut to
+            `layout_dim` numbers, and one linear layer maps all of them, in token order, to an
+            `embed_dim` vector that the output layer reads at every step beside the attended context.
+            Attention averages tokens and so forgets which token sat where; this keeps the grid's
+            arrangement (an object's outline, the positions that captions name). 0 leaves it out, as
+            models saved before it did; `train_accelerate.py` uses 16. Unused by the other features.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialiser of linear and embedding weights.
         kwargs:
@@ -93,6 +100,7 @@ class ClipLstmConfig(PretrainedConfig):
         eos_token_id: int = 49407,
         attention_dim: int = 256,
         attention_heads: int = 1,
+        layout_dim: int = 0,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -114,6 +122,7 @@ class ClipLstmConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.attention_dim = attention_dim
         self.attention_heads = attention_heads
+        self.layout_dim = layout_dim
         self.initializer_range = initializer_range
         kwargs.setdefault(
             "custom_pipelines", copy.deepcopy(CUSTOM_PIPELINES)
@@ -168,6 +177,8 @@ class ClipLstmConfig(PretrainedConfig):
                 f"attention_heads ({self.attention_heads}) must divide attention_dim ({self.attention_dim}) "
                 f"and embed_dim ({self.embed_dim})"
             )
+        if not isinstance(self.layout_dim, int) or isinstance(self.layout_dim, bool) or self.layout_dim < 0:
+            raise ValueError(f"layout_dim must be a non-negative integer, got {self.layout_dim!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.initializer_range) > 0.0:

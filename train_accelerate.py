@@ -77,7 +77,8 @@ DEMO_VISION_CONFIG = dict(
 )
 DEMO_DEFAULTS = dict(
     dataset="shapes", vision_model="pretrain", output_dir=str(DEMO_OUTPUT_DIR), min_word_frequency=1,
-    embed_dim=128, hidden_size=256, batch_size=64, learning_rate=3e-3, num_epochs=12, patience=3,
+    image_feature="patches", embed_dim=128, hidden_size=256, batch_size=64, learning_rate=3e-3, num_epochs=10,
+    patience=3,
 )
 
 
@@ -86,8 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_accelerate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true",
-                        help="The offline demo: shapes set, a small random CLIP tower, a small decoder, "
-                        f"output in {DEMO_OUTPUT_DIR}; explicit flags still win.")
+                        help="The offline demo: shapes set, a small CLIP tower pre-trained here, a small "
+                        f"attention decoder over its patch tokens, output in {DEMO_OUTPUT_DIR}; explicit flags "
+                        "still win (--image_feature pooled for the pooled decoder).")
     add_data_args(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--vision_model", default=DEFAULT_VISION_MODEL,
@@ -105,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--attention_heads", type=positive_int, default=16,
                        help="Heads of the attention over the tokens with --image_feature patches (default 16; "
                        "must divide --embed_dim and 256, the attention width).")
+    model.add_argument("--layout_dim", type=non_negative_int, default=16,
+                       help="With --image_feature patches: numbers kept per token for the layout summary that "
+                       "the output layer reads beside the attention (default 16; 0 leaves it out).")
     model.add_argument("--no_normalize_image_embeds", action="store_true",
                        help="Feed the CLIP feature unnormalised (default: L2-normalised inside the model).")
     model.add_argument("--tokenizer", default="captions",
@@ -214,6 +219,7 @@ def build_model(args, tokenizer, vision_model: str) -> ClipLstmForImageCaptionin
     """The captioner around the chosen CLIP tower, with the decoder sized by the flags."""
     decoder = dict(
         image_feature=args.image_feature, attention_heads=args.attention_heads,
+        layout_dim=args.layout_dim if args.image_feature == "patches" else 0,
         normalize_image_embeds=not args.no_normalize_image_embeds,
         embed_dim=args.embed_dim, hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout,
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,

@@ -475,8 +475,14 @@ def bench_patches(vocab_size: int, args, device, dtype) -> dict:
     """The attention decoder over ViT-B/32's 50 x 768 tokens: greedy and beam 5 at batch N, and beam 5
     with the attention weights returned; compare with the same vocabulary's `image_embeds` figures."""
     model = build_model(
-        vocab_size, device, dtype, num_layers=args.num_layers, image_feature="patches", attention_heads=16
-    )  # 16 heads: train_accelerate.py's default
+        vocab_size,
+        device,
+        dtype,
+        num_layers=args.num_layers,
+        image_feature="patches",
+        attention_heads=16,
+        layout_dim=16,
+    )  # 16 heads and the layout summary: train_accelerate.py's defaults
     embeds = random_image_embeds(args.num_images, device, args.seed, tokens=model.config.num_image_tokens)
     out, n = {"image_tokens": model.config.num_image_tokens}, len(embeds)
     for name, beams in (("greedy", 1), (f"beam{NUM_BEAMS}", NUM_BEAMS)):

@@ -97,7 +97,8 @@ def time_vocab(args, vocab_size: int, image_feature: str = "pooled") -> dict:
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
         image_feature=image_feature,
-        attention_heads=16,  # train_accelerate.py's default
+        attention_heads=16,  # train_accelerate.py's defaults
+        layout_dim=16,
     )
     model = ClipLstmForImageCaptioning(config)
     pairs = synthetic_pairs(args.num_images, vocab_size, patches=image_feature == "patches")

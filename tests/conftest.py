@@ -18,7 +18,7 @@ import pytest  # noqa: E402  (after the environment is set)
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The README's offline demo, trained once per test session (about 1.5 minutes on 2 CPU cores).
+    """The README's offline demo, trained once per test session (about 5 minutes on 2 CPU cores).
 
     Returns the run folder; its `model/` subfolder is the trained model. The shapes set and the
     embedding cache go to a fresh folder, so nothing from an earlier run is reused.

@@ -66,6 +66,8 @@ def test_pad_equal_to_eos_is_rejected():
         (dict(vision_config=3), "vision_config"),
         (dict(attention_heads=0), "attention_heads"),
         (dict(image_feature="patches", attention_heads=3), "attention_heads"),  # 3 does not divide 16
+        (dict(image_feature="patches", layout_dim=-1), "layout_dim"),
+        (dict(image_feature="patches", layout_dim=2.5), "layout_dim"),
     ],
 )
 def test_bad_config_values_raise_naming_the_value(overrides, named):
@@ -81,6 +83,37 @@ def test_a_config_saved_before_attention_heads_existed_loads_with_one_head(tmp_p
     assert ClipLstmConfig.from_pretrained(tmp_path).attention_heads == 1
 
 
+def test_a_patches_model_saved_before_the_layout_summary_existed_loads_and_captions_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = ClipLstmForImageCaptioning(tiny_config(image_feature="patches", layout_dim=0)).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["layout_dim"]  # as written by the releases before it
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = ClipLstmForImageCaptioning.from_pretrained(tmp_path).eval()
+    assert loaded.config.layout_dim == 0 and loaded.decoder.layout is None
+    assert not any("layout" in name for name in loaded.state_dict())
+    embeds = torch.randn(3, *model.config.image_feature_shape)
+    torch.testing.assert_close(
+        loaded.generate(image_embeds=embeds, num_beams=3), model.generate(image_embeds=embeds, num_beams=3)
+    )
+
+
+def test_the_layout_summary_tells_where_the_tokens_sit_which_attention_alone_does_not():
+    # Attention is a weighted average: moving patch tokens to other grid cells changes nothing.
+    # The layout summary reads each cell with its own weights, so the same move changes the logits.
+    torch.manual_seed(0)
+    embeds = torch.randn(2, *tiny_config(image_feature="patches").image_feature_shape)
+    moved = torch.cat([embeds[:, :1], embeds[:, 1:].roll(1, dims=1)], dim=1)  # CLS stays first
+    ids = torch.tensor([[BOS, 5, 6, 7]] * 2)
+    for layout_dim, moves in ((0, False), (3, True)):
+        model = tiny_model(image_feature="patches", layout_dim=layout_dim, initializer_range=0.5)
+        with torch.no_grad():
+            before = model(image_embeds=embeds, input_ids=ids).logits
+            after = model(image_embeds=moved, input_ids=ids).logits
+        assert (not torch.allclose(before, after, rtol=1e-4, atol=1e-5)) == moves, layout_dim
+
+
 def test_each_attention_head_reads_its_own_slice_of_the_tokens():
     # the batched multi-head attention against a per-head loop written from the definition
     torch.manual_seed(0)
@@ -90,7 +123,8 @@ def test_each_attention_head_reads_its_own_slice_of_the_tokens():
     hidden = torch.randn(batch * group, steps, config.hidden_size)
     values = torch.randn(batch, tokens, config.embed_dim)
     keys = attention.key(values)
-    attended, weights = attention(hidden, values, keys)
+    layout = torch.randn(batch, config.embed_dim)  # the layout summary: one vector per image
+    attended, weights = attention(hidden, values, keys, layout)
     queries = attention.query(hidden)
     for row in range(batch * group):
         image = row // group
@@ -102,7 +136,8 @@ def test_each_attention_head_reads_its_own_slice_of_the_tokens():
             w = (q @ k.T / math.sqrt(2)).softmax(-1)
             contexts.append(w @ v)
             head_weights.append(w)
-        expected = torch.tanh(attention.output(torch.cat([hidden[row], *contexts], dim=-1)))
+        summary = layout[image].expand(steps, -1)
+        expected = torch.tanh(attention.output(torch.cat([hidden[row], *contexts, summary], dim=-1)))
         torch.testing.assert_close(attended[row], expected)
         torch.testing.assert_close(weights[row], torch.stack(head_weights).mean(0))
 

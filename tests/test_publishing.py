@@ -403,7 +403,8 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 out = model.generate(**processor(images=images), num_beams=3, max_new_tokens=8, return_dict_in_generate=True,
                      output_attentions=True)
 print("RESULT " + json.dumps({"ids": out.sequences.tolist(), "attentions": out.attentions.tolist(),
-                              "feature": model.config.image_feature}))
+                              "feature": model.config.image_feature,
+                              "layout": model.decoder.layout is not None}))
 """
 
 
@@ -453,7 +454,7 @@ def test_a_trained_attention_model_publishes_and_reloads_with_identical_captions
         return_dict_in_generate=True,
         output_attentions=True,
     )
-    assert result["feature"] == "patches"
+    assert result["feature"] == "patches" and result["layout"]  # the script's default layout summary
     assert result["ids"] == out.sequences.tolist()
     assert torch.equal(torch.tensor(result["attentions"]), out.attentions)
     assert out.attentions.shape == (3, out.sequences.shape[1], model.config.num_image_tokens)

@@ -105,10 +105,11 @@ def test_demo_writes_a_model_that_names_the_largest_colour(demo_run):
         f"shape {scores['shape_accuracy']:.3f}"
     )
     assert scores["num_images"] == 250
+    assert model.config.image_feature == "patches" and model.decoder.layout is not None
     assert scores["colour_accuracy"] >= 0.85  # the bar; chance is 1/7
-    assert (
-        scores["shape_accuracy"] >= 0.5
-    )  # our own guard for the pre-trained tower (random tower: ~0.26; chance 1/4)
+    # A guard, below the 86-91% the demo measured and above what pooled demos reach (68-78%):
+    # a random tower gives ~0.26, chance is 1/4.
+    assert scores["shape_accuracy"] >= 0.8
     report = json.loads((demo_run / "eval" / "report.json").read_text())
     assert report["shapes"]["ours"] == scores  # the run's own report agrees with this recount
     history = json.loads((demo_run / "trainer_state.json").read_text())["history"]
@@ -613,6 +614,8 @@ def test_a_patches_run_trains_from_its_float16_token_cache(tmp_path, small_shape
     train_accelerate.main(tiny_run_args(small_shapes, run, "--image_feature", "patches", "--num_epochs", "1"))
     model = ClipLstmForImageCaptioning.from_pretrained(run / "model")
     assert model.config.image_feature == "patches"
+    assert model.config.attention_heads == 16 and model.config.layout_dim == 16  # the script's defaults
+    assert model.decoder.layout is not None
     assert all(tensor.isfinite().all() for tensor in load_file(run / "model" / "model.safetensors").values())
     files = list((tmp_path / "cache" / "embeddings").iterdir())
     assert len(files) == 3 and all(path.suffix == ".arrow" for path in files)  # the splits; no temporaries

@@ -65,6 +65,7 @@ def tiny_config(**overrides) -> ClipLstmConfig:
         num_layers=2,
         dropout=0.1,
         attention_heads=2,  # patches models: every attention test runs with several heads
+        layout_dim=3,  # and with the layout summary
     )
     values.update(overrides)
     return ClipLstmConfig(**values)
