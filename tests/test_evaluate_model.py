@@ -55,7 +55,7 @@ def evaluation(demo_run, tmp_path_factory):
 
     def counting_generate(self, *args, **kwargs):
         inputs = kwargs.get("image_embeds", kwargs.get("pixel_values"))
-        captioned_rows.append(len(inputs))
+        captioned_rows.append((len(inputs), bool(kwargs.get("output_attentions"))))
         return original_generate(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -117,7 +117,11 @@ def test_report_md_shows_every_shapes_score(evaluation):
 
 def test_every_test_image_is_captioned_once(evaluation):
     split, output_dir = evaluation["splits"]["test"], evaluation["output_dir"]
-    assert sum(evaluation["captioned_rows"]) == split.num_rows  # once per image, not once per reference
+    captioning = [rows for rows, attentions in evaluation["captioned_rows"] if not attentions]
+    assert sum(captioning) == split.num_rows  # once per image, not once per reference
+    # The demo is a patches model: one more small call draws the heatmaps of the first gallery images.
+    heatmaps = [rows for rows, attentions in evaluation["captioned_rows"] if attentions]
+    assert heatmaps == [evaluate_model.NUM_HEATMAP_IMAGES]
     lines = read_jsonl(output_dir / "captions.jsonl")
     assert [line["image_id"] for line in lines] == split["image_id"]
     assert [line["references"] for line in lines] == split["captions"]
@@ -182,10 +186,14 @@ def test_gallery_is_self_contained_with_captions_and_references(evaluation):
     output_dir = evaluation["output_dir"]
     parser = _GalleryParser()
     parser.feed((output_dir / "gallery.html").read_text())
-    assert len(parser.images) == 8
+    figures = gallery_figures((output_dir / "gallery.html").read_text())
+    assert len(figures) == 8
     prefix = "data:image/jpeg;base64,"
-    assert all(src.startswith(prefix) for src in parser.images)  # nothing to fetch: a file you can mail
-    with Image.open(io.BytesIO(base64.b64decode(parser.images[0][len(prefix) :]))) as thumbnail:
+    thumbnails = [figure[0][0] for figure in figures]
+    assert all(src.startswith(prefix) for src in thumbnails)  # the pictures travel inside the page
+    heatmaps = [src for figure in figures for src, _ in figure[1:]]  # the demo is a patches model
+    assert heatmaps and all((output_dir / src).is_file() for src in heatmaps)  # beside it, in its folder
+    with Image.open(io.BytesIO(base64.b64decode(thumbnails[0][len(prefix) :]))) as thumbnail:
         assert thumbnail.format == "JPEG" and max(thumbnail.size) <= THUMBNAIL_PIXELS
     assert {"ours", "BLIP", "references"} <= set(parser.terms)
     first = read_jsonl(output_dir / "captions.jsonl")[0]
