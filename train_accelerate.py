@@ -77,7 +77,7 @@ DEMO_VISION_CONFIG = dict(
 )
 DEMO_DEFAULTS = dict(
     dataset="shapes", vision_model="pretrain", output_dir=str(DEMO_OUTPUT_DIR), min_word_frequency=1,
-    image_feature="patches", embed_dim=128, hidden_size=256, batch_size=64, learning_rate=3e-3, num_epochs=10,
+    image_feature="patches", embed_dim=128, hidden_size=256, batch_size=64, learning_rate=3e-3, num_epochs=8,
     patience=3,
 )
 
